@@ -1,0 +1,3 @@
+"""Ego-Exo4D data engine."""
+
+__version__ = "0.1.0"

@@ -44,7 +44,7 @@ def tiny_release(tmp_path_factory) -> Path:
 def learn_release(tmp_path_factory) -> Path:
     """Enough procedural takes for a trivial classifier to show the labels are learnable."""
     root = tmp_path_factory.mktemp("learn") / "release"
-    synth.generate(root, preset="tiny", takes=20, seconds=5.0, seed=3, scenarios=PROCEDURAL)
+    synth.generate(root, preset="tiny", takes=20, seconds=7.0, seed=3, scenarios=PROCEDURAL)
     return root
 
 

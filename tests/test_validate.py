@@ -5,7 +5,6 @@ import json
 from pathlib import Path
 
 import av
-import numpy as np
 import pytest
 
 from engine.cli import main
@@ -91,7 +90,7 @@ def test_malformed_json_names_file_and_position(damaged, capsys):
     assert len(err) == 1 and "takes.json" in err[0] and "malformed JSON" in err[0]
 
 
-def test_unsafe_take_names_are_rejected_not_followed(damaged, tmp_path):
+def test_unsafe_take_names_are_rejected_not_followed(damaged, tmp_path, monkeypatch):
     outside = tmp_path / "outside"
     takes = _takes_json(damaged)
     evil = json.loads(json.dumps(takes[0]))
@@ -102,7 +101,7 @@ def test_unsafe_take_names_are_rejected_not_followed(damaged, tmp_path):
     release = Release.open(str(damaged))
     opened = []
     real_open = release.fs.open
-    release.fs.open = lambda path, *a, **k: opened.append(path) or real_open(path, *a, **k)
+    monkeypatch.setattr(release.fs, "open", lambda path, *a, **k: opened.append(path) or real_open(path, *a, **k))
     assert {t.take_uid for t in release.takes()} == {t["take_uid"] for t in takes}
     assert {p.code for p in release.problems} == {"unsafe_path"}
     assert {p.entry for p in release.problems} == {"evil-1", "evil-2"}

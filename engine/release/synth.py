@@ -37,7 +37,6 @@ from __future__ import annotations
 import concurrent.futures
 import csv
 import dataclasses
-import io
 import json
 import multiprocessing
 import os
@@ -328,8 +327,7 @@ def _write_take(plan: TakePlan, root: str, ego_size: int, exo_size: tuple[int, i
                                            "encodedMask": encode_mask(m)} for f, m in sorted(frames.items())},
                    "annotated_frames": sorted(frames)}
             for view, frames in per_view.items()}
-    return {"object_masks": relations, "best_exo": _best_exo(cams),
-            "exo_intrinsics": {cid: cams[cid].K.tolist() for cid in EXO_CAMS}}
+    return {"object_masks": relations, "best_exo": _best_exo(cams)}
 
 
 def _best_exo(cams: dict[str, sc.Camera]) -> str:
@@ -450,10 +448,14 @@ def generate(out: str | os.PathLike, preset: str = "default", takes: int | None 
     plans = plan_release(takes or p.takes, seconds or p.seconds, seed, scenarios)
     if faults:
         _assign_faults(plans)
-    root = Path(out)
-    if root.exists() and any(root.iterdir()):
-        raise FileExistsError(f"{root} is not empty; synth writes a fresh release")
-    root.mkdir(parents=True, exist_ok=True)
+    final = Path(out)
+    if final.exists() and any(final.iterdir()):
+        raise FileExistsError(f"{final} is not empty; synth writes a fresh release")
+    # Written under a temporary name and renamed when complete: a crash never leaves
+    # something that looks like a release.
+    root = final.with_name(final.name + ".partial")
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
     workers = workers or min(2, os.cpu_count() or 1)
     ctx = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
@@ -465,6 +467,9 @@ def generate(out: str | os.PathLike, preset: str = "default", takes: int | None 
     _write_annotations(root, plans, [r["object_masks"] for r in results], seed)
     if faults:
         _apply_file_faults(root, plans, seed)
+    if final.exists():
+        final.rmdir()
+    root.rename(final)
     return plans
 
 

@@ -41,6 +41,24 @@ def _validate(args) -> int:
     return 0
 
 
+def _shard(args) -> int:
+    from engine.release import ReleaseError
+    from engine.shards import job
+    from engine.shards.plan import ShardConfig
+
+    try:
+        config = ShardConfig(splits=tuple(args.split), views=args.views, window=args.window, stride=args.stride,
+                             mode=args.mode, resolution=args.resolution, short_side=args.short_side, fps=args.fps,
+                             gop=args.gop, shard_bytes=int(args.shard_mb * 1e6))
+        manifest = job.run(args.release, args.out, config, address=args.address)
+    except (ValueError, ReleaseError) as e:
+        print(f"ee4d shard: {e}", file=sys.stderr)
+        return 2
+    print(f"{manifest['samples']} samples in {sum(map(len, manifest['shards'].values()))} shards, "
+          f"{manifest['rejects']} rejected takes (see rejects.json) -> {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ee4d", description="Ego-Exo4D data engine on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -63,6 +81,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution", default="full", choices=["full", "448"], help="which video files to probe")
     p.add_argument("--workers", type=int, default=8, help="videos probed concurrently")
     p.set_defaults(func=_validate)
+
+    p = sub.add_parser("shard", help="write time-aligned multi-view WebDataset shards of a release (Ray Data)")
+    p.add_argument("release", help="release root: a path or an fsspec URL")
+    p.add_argument("out", help="output location: a path or an fsspec URL such as s3://bucket/shards")
+    p.add_argument("--split", nargs="+", default=["train", "val", "test"], choices=["train", "val", "test"])
+    p.add_argument("--views", default="all", choices=["ego", "ego+best_exo", "all"])
+    p.add_argument("--window", type=float, default=8.0, help="window length in seconds (default 8)")
+    p.add_argument("--stride", type=float, help="window stride in seconds (default: the window)")
+    p.add_argument("--mode", default="remux", choices=["remux", "transcode", "frames"],
+                   help="remux: copy packets (fast, cuts snap to keyframes); transcode: re-encode exact "
+                        "windows; frames: JPEG frames")
+    p.add_argument("--resolution", default="448", choices=["full", "448"], help="which source videos to read")
+    p.add_argument("--short-side", type=int, help="transcode/frames: output short side")
+    p.add_argument("--fps", type=float, help="transcode/frames: output frame rate")
+    p.add_argument("--gop", type=int, default=30, help="transcode: keyframe interval in frames")
+    p.add_argument("--shard-mb", type=float, default=1000.0, help="target shard size in MB (default 1000)")
+    p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
+    p.set_defaults(func=_shard)
     return parser
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 from fractions import Fraction
 from typing import IO, Iterator
 
@@ -153,3 +154,208 @@ class VideoWriter:
 
     def __exit__(self, *exc):
         self.close()
+
+
+# ----------------------------------------------------------------------------- clips for shards
+
+@dataclasses.dataclass(frozen=True)
+class Clip:
+    """One view's media for a window, and which source frame each of its frames is."""
+    data: bytes | list[bytes]     # an mp4, or one JPEG per frame
+    # Entry k is the source frame shown by the clip's frame k (its timestamp-derived index,
+    # as ``frame_index`` computes it, or the k-th JPEG).
+    source_frames: list[int]
+    width: int
+    height: int
+
+
+def _copy_packets(source, start_frame: int, end_frame: int):
+    """Packets of the source's video stream from the keyframe at or before ``start_frame`` through
+    every packet that frames before ``end_frame`` need (they precede, in decode order, the
+    first packet whose dts reaches ``end_frame``)."""
+    container = _open(source)
+    stream = container.streams.video[0]
+    fps = stream.average_rate or stream.guessed_rate
+    start_pts = int((stream.start_time or 0) + start_frame / fps / stream.time_base)
+    container.seek(start_pts, stream=stream, backward=True)
+    packets = []
+    for packet in container.demux(stream):
+        if packet.dts is None:
+            continue
+        if not packets and not packet.is_keyframe:
+            continue
+        dts_index = int(round(float((packet.dts - (stream.start_time or 0)) * stream.time_base * fps)))
+        if dts_index >= end_frame:
+            break
+        packets.append(packet)
+    if not packets or frame_index_of_pts(packets[0].pts, stream) > start_frame:
+        container.close()
+        raise VideoError(f"no keyframe at or before frame {start_frame}")
+    # Frames past the window that no kept frame follows (so none references them) are dropped.
+    while frame_index_of_pts(packets[-1].pts, stream) >= end_frame:
+        packets.pop()
+    return container, stream, packets
+
+
+def frame_index_of_pts(pts: int, stream) -> int:
+    fps = stream.average_rate or stream.guessed_rate
+    return int(round(float((pts - (stream.start_time or 0)) * stream.time_base * fps)))
+
+
+def remux(source, start_frame: int, end_frame: int) -> Clip:
+    """Copy the packets covering [start_frame, end_frame) into a new mp4, without re-encoding.
+
+    The clip starts at the keyframe at or before ``start_frame`` (so it may hold earlier
+    frames) and may end with reference frames past ``end_frame``; ``source_frames`` says
+    exactly which source frame each clip frame is, so readers trim.
+    """
+    container, stream, packets = _copy_packets(source, start_frame, end_frame)
+    with container:
+        first = frame_index_of_pts(packets[0].pts, stream)
+        shift = packets[0].pts
+        out_buf = io.BytesIO()
+        with av.open(out_buf, "w", format="mp4") as out:
+            out_stream = out.add_stream_from_template(stream)
+            for packet in packets:
+                packet.pts -= shift
+                packet.dts -= shift
+                packet.stream = out_stream
+                out.mux(packet)
+        last = max(frame_index_of_pts(p.pts + shift, stream) for p in packets)
+        width, height = stream.codec_context.width, stream.codec_context.height
+    # Timestamps were shifted by the first keyframe's: clip frame k is source frame first + k.
+    return Clip(out_buf.getvalue(), list(range(first, last + 1)), width, height)
+
+
+def _window_frames(source, start_frame: int, end_frame: int, fps: float | None):
+    """Decode [start_frame, end_frame), keeping the source frames nearest a ``fps`` grid."""
+    with _open(source) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        src_fps = float(stream.average_rate or stream.guessed_rate)
+        if fps is None or fps >= src_fps:
+            wanted = list(range(start_frame, end_frame))
+        else:
+            n = int(np.floor((end_frame - start_frame) / src_fps * fps - 1e-9)) + 1
+            wanted = sorted({start_frame + int(np.floor(k * src_fps / fps + 1e-9)) for k in range(n)})
+        wanted_set = set(wanted)
+        container.seek(int((stream.start_time or 0) + start_frame / src_fps / stream.time_base),
+                       stream=stream, backward=True)
+        for frame in container.decode(stream):
+            i = frame_index(frame, stream)
+            if i >= end_frame:
+                break
+            if i in wanted_set:
+                yield i, frame
+
+
+def short_side_size(width: int, height: int, short: int | None) -> tuple[int, int]:
+    """(width, height) scaled so the short side is ``short`` (even sizes); unchanged for None."""
+    if not short:
+        return width, height
+    scale = short / min(width, height)
+    return int(round(width * scale / 2) * 2), int(round(height * scale / 2) * 2)
+
+
+def transcode(source, start_frame: int, end_frame: int, short_side: int | None = None,
+              fps: float | None = None, gop: int = 30, crf: int = 23, preset: str = "veryfast") -> Clip:
+    """Re-encode exactly [start_frame, end_frame): a keyframe on the window's first frame."""
+    buf = io.BytesIO()
+    frames, writer = [], None
+    for i, frame in _window_frames(source, start_frame, end_frame, fps):
+        if writer is None:
+            width, height = short_side_size(frame.width, frame.height, short_side)
+            out_fps = int(round(fps)) if fps else 30
+            writer = VideoWriter(buf, width, height, fps=out_fps, crf=crf, gop=gop, preset=preset)
+        writer.write(frame)
+        frames.append(i)
+    if writer is None:
+        raise VideoError(f"no frame decodes in [{start_frame}, {end_frame})")
+    writer.close()
+    return Clip(buf.getvalue(), frames, width, height)
+
+
+def jpeg_frames(source, start_frame: int, end_frame: int, short_side: int | None = None,
+                fps: float | None = None, quality: int = 3) -> Clip:
+    """One JPEG per kept frame of [start_frame, end_frame), at ``fps`` and ``short_side``."""
+    images, frames, ctx = [], [], None
+    for i, frame in _window_frames(source, start_frame, end_frame, fps):
+        if ctx is None:
+            width, height = short_side_size(frame.width, frame.height, short_side)
+            ctx = av.CodecContext.create("mjpeg", "w")
+            ctx.width, ctx.height, ctx.pix_fmt = width, height, "yuvj420p"
+            ctx.time_base = Fraction(1, 30)
+            ctx.qmin = ctx.qmax = quality
+        small = frame.reformat(width=width, height=height, format="yuvj420p", interpolation="AREA")
+        images.append(b"".join(bytes(p) for p in ctx.encode(small)))
+        frames.append(i)
+    if ctx is None:
+        raise VideoError(f"no frame decodes in [{start_frame}, {end_frame})")
+    return Clip(images, frames, width, height)
+
+
+def decode_jpeg(data: bytes) -> np.ndarray:
+    ctx = av.CodecContext.create("mjpeg", "r")
+    return ctx.decode(av.Packet(data))[0].to_ndarray(format="rgb24")
+
+
+def decode_at(data: bytes, wanted: list[int], size: tuple[int, int] | None = None) -> dict[int, np.ndarray]:
+    """Decode the frames of an in-memory video at the given indices (its own 0-based indices).
+
+    Seeks to a later keyframe whenever one lies between the current position and the next
+    wanted frame, so a few frames from a long clip cost a few GOPs, not the whole clip.
+    """
+    targets = sorted(set(wanted))
+    out: dict[int, np.ndarray] = {}
+    with _open(io.BytesIO(data)) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        keyframes = sorted(frame_index_of_pts(p.pts, stream) for p in container.demux(stream)
+                           if p.is_keyframe and p.pts is not None)
+        position, frames = None, None
+        for target in targets:
+            later_key = max((k for k in keyframes if k <= target), default=0)
+            if position is None or later_key > position or target < position:
+                container.seek(int((stream.start_time or 0) + later_key / float(stream.average_rate)
+                                   / stream.time_base), stream=stream, backward=True)
+                frames = container.decode(stream)
+            for frame in frames:
+                position = frame_index(frame, stream) + 1
+                if position - 1 == target:
+                    if size:
+                        frame = frame.reformat(width=size[0], height=size[1])
+                    out[target] = frame.to_ndarray(format="rgb24")
+                    break
+            if target not in out:
+                raise VideoError(f"frame {target} not in clip")
+    return out
+
+
+def decode_audio(source, start: float, end: float) -> tuple[np.ndarray, int]:
+    """Audio samples in [start, end) seconds as float32 [channels, samples], and the rate.
+
+    Returns an empty [0, 0] array when the file has no audio track."""
+    with _open(source) as container:
+        if not container.streams.audio:
+            return np.zeros((0, 0), np.float32), 0
+        stream = container.streams.audio[0]
+        rate = stream.rate
+        first, last = int(round(start * rate)), int(round(end * rate))
+        container.seek(max(0, int(start / stream.time_base) - rate // 10), stream=stream, backward=True)
+        chunks = []
+        for frame in container.decode(stream):
+            at = int(round(float(frame.pts * stream.time_base) * rate)) if frame.pts is not None else None
+            if at is None or at >= last:
+                if at is not None:
+                    break
+                continue
+            data = frame.to_ndarray()
+            if frame.format.name not in ("fltp", "flt"):
+                data = frame.reformat(format="fltp").to_ndarray()
+            if not frame.format.is_planar:
+                data = data.reshape(-1, stream.channels).T
+            lo, hi = max(first - at, 0), min(last - at, data.shape[1])
+            if hi > lo:
+                chunks.append(data[:, lo:hi])
+        out = np.concatenate(chunks, axis=1) if chunks else np.zeros((stream.channels, 0), np.float32)
+        return out.astype(np.float32), rate

@@ -51,10 +51,6 @@ class Report:
     problems: list[Problem]             # not tied to a known take
     files: dict[str, str]               # annotation file -> "ok" | "absent" | "malformed"
 
-    @property
-    def usable(self) -> bool:
-        return True   # an unusable release raises ReleaseError before a Report exists
-
     def take_problems(self) -> list[Problem]:
         return [p for t in self.takes.values() for p in t["problems"]]
 
@@ -63,7 +59,8 @@ class Report:
 
     def to_json(self) -> dict:
         return {
-            "release": self.release, "resolution": self.resolution, "usable": self.usable,
+            # An unusable release raises ReleaseError before a Report exists.
+            "release": self.release, "resolution": self.resolution, "usable": True,
             "summary": {"takes": len(self.takes), "takes_ok": sum(not t["problems"] for t in self.takes.values()),
                         "problems": len(self.all_problems())},
             "files": self.files,

@@ -1,0 +1,259 @@
+"""The shard job: a Ray Data pipeline over a release's takes, writing WebDataset tar shards.
+
+Unit of work: one shard (a fixed, planned list of takes). Each unit writes its tar under a
+temporary name and publishes it whole (a rename on local disk, one object PUT on S3), then
+its stats JSON. A rerun skips shards whose stats exist and redoes the rest, byte for byte:
+the plan, the keys, the tar headers and the encoders are all deterministic.
+
+Outputs under OUT:
+  <split>/<split>-NNNNNN.tar          samples, a sample's members adjacent
+  <split>/<split>-NNNNNN.stats.json   samples, bytes, seconds, takes, failures, per-sample rows
+  <split>/index.json                  wids-shard-index-v1 for random access
+  manifest.parquet                    one row per sample (key, take_uid, split, t0, t1, shard, views, sha256)
+  rejects.json                        take_uid, split and reason of every take left out
+  _config.json                        written first: a rerun with another config is refused
+  stage.json                          written last: the commit marker of the whole stage
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import socket
+import tarfile
+import tempfile
+import time
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from engine import storage
+from engine.release import Release, ReleaseError
+from engine.shards.plan import FORMAT_VERSION, ShardConfig, ShardSpec, plan_shards, select_views
+from engine.shards.sample import BadTake, TakeSource, build_samples
+
+_RELEASES: dict[str, Release] = {}
+
+
+def _release(url: str, storage_options: dict | None) -> Release:
+    """One Release per worker process, so annotation files are parsed once, not once per shard."""
+    key = json.dumps([url, storage_options], sort_keys=True)
+    if key not in _RELEASES:
+        _RELEASES[key] = Release.open(url, storage_options)
+    return _RELEASES[key]
+
+
+def tar_member(name: str, data: bytes) -> bytes:
+    """One tar member with fixed metadata, so the same bytes always give the same archive."""
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode, info.uid, info.gid = len(data), 0, 0o444, 0, 0
+    info.uname = info.gname = ""
+    header = info.tobuf(format=tarfile.USTAR_FORMAT)
+    return header + data + b"\0" * (-len(data) % tarfile.BLOCKSIZE)
+
+
+TAR_END = b"\0" * (2 * tarfile.BLOCKSIZE)
+
+
+def _shard_paths(out: str, spec: ShardSpec) -> tuple[str, str]:
+    base = storage.join(out, spec.split, spec.name)
+    return base + ".tar", base + ".stats.json"
+
+
+def write_shard(spec: ShardSpec, release_url: str, out_url: str, config: ShardConfig,
+                storage_options: dict | None = None) -> dict:
+    """Write one shard and its stats; return the stats. Plain Python: Ray only schedules it."""
+    release = _release(release_url, storage_options)
+    fs, out = storage.filesystem(out_url, storage_options)
+    tar_path, stats_path = _shard_paths(out, spec)
+    started = time.time()
+    rows, rejects, seconds = [], [], 0.0
+    # Staged on local disk: beside the target for a local output (then renamed), in the temp
+    # dir for an object store (then uploaded in one PUT). The name is fixed per shard, so a
+    # retry after a crash overwrites it instead of leaving a second one behind.
+    if storage.is_local(fs):
+        fs.makedirs(storage.join(out, spec.split), exist_ok=True)
+        staging = tar_path + ".partial"
+    else:
+        staging = os.path.join(tempfile.gettempdir(), f"ee4d-{hashlib.sha1(tar_path.encode()).hexdigest()[:16]}.partial")
+    with open(staging, "wb") as shard:
+        for uid in spec.take_uids:
+            take = release.take(uid)
+            # A take's samples go to a scratch file first and join the shard only when the
+            # whole take succeeded: a bad take never leaves half of itself behind.
+            with tempfile.TemporaryFile() as scratch:
+                take_rows = []
+                try:
+                    src = TakeSource.load(release, take, spec.split, config)
+                    for key, members, row in build_samples(release, src, config):
+                        digest = hashlib.sha256()
+                        for ext, data in members:
+                            name = f"{key}.{ext}"
+                            digest.update(name.encode() + b"\0" + data)
+                            scratch.write(tar_member(name, data))
+                        row.update(shard=spec.name, sha256=digest.hexdigest(),
+                                   bytes=sum(len(d) for _, d in members))
+                        take_rows.append(row)
+                except (BadTake, ReleaseError, OSError) as e:
+                    rejects.append({"take_uid": uid, "take_name": take.take_name, "split": spec.split,
+                                    "reason": str(e)})
+                    continue
+                scratch.seek(0)
+                while chunk := scratch.read(1 << 24):
+                    shard.write(chunk)
+            rows += take_rows
+            seconds += sum(r["t1"] - r["t0"] for r in take_rows) * len(src.views)
+        shard.write(TAR_END)
+    size = os.path.getsize(staging)
+    if storage.is_local(fs):
+        os.replace(staging, tar_path)
+    else:
+        fs.put_file(staging, tar_path)
+        os.unlink(staging)
+    stats = {"shard": spec.name, "split": spec.split, "samples": len(rows), "bytes": size,
+             "video_seconds": round(seconds, 3), "takes": sorted({r["take_uid"] for r in rows}),
+             "failures": rejects, "rows": rows, "node_id": _node_id(), "host": socket.gethostname(),
+             "wall_seconds": round(time.time() - started, 3)}
+    storage.write_json_atomic(fs, stats_path, stats)
+    return stats
+
+
+def _node_id() -> str | None:
+    try:
+        import ray
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    except Exception:
+        return None
+
+
+@dataclasses.dataclass
+class ShardPlan:
+    specs: list[ShardSpec]
+    rejects: list[dict]          # takes left out before any shard ran (no video file, bad entry)
+
+
+def plan(release: Release, config: ShardConfig) -> ShardPlan:
+    """Assign takes to shards by the size of their source files; reject takes that cannot be read."""
+    splits = release.splits()
+    takes = {t.take_uid: t for t in release.takes()}
+    specs, rejects = [], []
+    for p in release.problems:   # takes.json entries that did not parse
+        if p.file == "takes.json":
+            rejects.append({"take_uid": p.take_uid or p.entry, "take_name": None, "split": None, "reason": p.reason})
+    for split in config.splits:
+        sized = []
+        for uid in splits.split_to_take_uids.get(split, []):
+            take = takes.get(uid)
+            if take is None:
+                rejects.append({"take_uid": uid, "take_name": None, "split": split,
+                                "reason": "in splits.json but not in takes.json"})
+                continue
+            views = select_views(take, config.views, config.resolution)
+            try:
+                nbytes = sum(release.fs.size(release.path(v.path)) for _, v in views)
+            except FileNotFoundError as e:
+                rejects.append({"take_uid": uid, "take_name": take.take_name, "split": split,
+                                "reason": f"video file not found: {e}"})
+                continue
+            sized.append((uid, nbytes))
+        specs += plan_shards(split, sized, config.shard_bytes)
+    return ShardPlan(specs, rejects)
+
+
+def run(release_url: str, out_url: str, config: ShardConfig, storage_options: dict | None = None,
+        address: str | None = None, progress: bool = True) -> dict:
+    """Run the shard job on Ray (local by default) and return the stage manifest."""
+    import ray
+
+    release = Release.open(release_url, storage_options)
+    fs, out = storage.filesystem(out_url, storage_options)
+    fs.makedirs(out, exist_ok=True)
+    _claim(fs, out, config, release_url)
+    shard_plan = plan(release, config)
+    todo = [s for s in shard_plan.specs if not fs.exists(_shard_paths(out, s)[1])]
+    log = print if progress else (lambda *a, **k: None)
+    log(f"shard: {len(shard_plan.specs)} shards planned, {len(shard_plan.specs) - len(todo)} already done, "
+        f"{len(todo)} to write")
+    if todo:
+        if not ray.is_initialized():
+            ray.init(address=address, log_to_driver=False, configure_logging=False)
+        import ray.data
+        ray.data.DataContext.get_current().enable_progress_bars = progress
+        items = [{"spec": json.dumps(dataclasses.asdict(s))} for s in todo]
+        ds = ray.data.from_items(items, override_num_blocks=len(items))
+        # One CPU per shard (decode and mux are single-threaded per stream), spread across
+        # nodes; a worker killed mid-shard is retried and rewrites the shard from scratch.
+        ds = ds.map(_RayShardWriter(release_url, out_url, config, storage_options), num_cpus=1,
+                    max_retries=3, scheduling_strategy="SPREAD")
+        for row in ds.iter_rows():
+            log(f"  {row['shard']}: {row['samples']} samples, {row['failures']} rejected takes")
+    return finalize(fs, out, shard_plan, config, release_url)
+
+
+class _RayShardWriter:
+    """The per-row function of the Ray Data map: decode the spec, write the shard, report briefly."""
+
+    def __init__(self, release_url, out_url, config, storage_options):
+        self.args = (release_url, out_url, config, storage_options)
+
+    def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
+        d = json.loads(row["spec"])
+        spec = ShardSpec(d["split"], d["index"], tuple(d["take_uids"]))
+        stats = write_shard(spec, *self.args)
+        return {"shard": stats["shard"], "samples": stats["samples"], "failures": len(stats["failures"])}
+
+
+def _claim(fs, out: str, config: ShardConfig, release_url: str) -> None:
+    """Write the config first; refuse to mix two configurations in one output."""
+    path = storage.join(out, "_config.json")
+    wanted = {"release": release_url, "config": config.to_json(), "fingerprint": config.fingerprint(),
+              "format": FORMAT_VERSION}
+    if fs.exists(path):
+        existing = storage.read_json(fs, path)
+        if existing.get("fingerprint") != wanted["fingerprint"] or existing.get("release") != release_url:
+            raise ValueError(f"{out} holds shards of another configuration or release ({path}); "
+                             "use a new output location")
+        return
+    storage.write_json_atomic(fs, path, wanted)
+
+
+def finalize(fs, out: str, shard_plan: ShardPlan, config: ShardConfig, release_url: str) -> dict:
+    """Gather every shard's stats into the manifest, the wids indexes, the rejects, and stage.json."""
+    rows, rejects, per_split = [], list(shard_plan.rejects), {}
+    for spec in shard_plan.specs:
+        tar_path, stats_path = _shard_paths(out, spec)
+        stats = storage.read_json(fs, stats_path)
+        rows += stats["rows"]
+        rejects += stats["failures"]
+        per_split.setdefault(spec.split, []).append(stats)
+        # A run killed between a staging write and its rename leaves a .partial; a later
+        # successful run of that shard published it, so anything left is stale.
+        if storage.is_local(fs) and fs.exists(tar_path + ".partial"):
+            fs.rm(tar_path + ".partial")
+    for split, shards in per_split.items():
+        index = {"__kind__": "wids-shard-index-v1", "wids_version": 1, "name": f"ee4d-{split}",
+                 "shardlist": [{"url": f"{s['shard']}.tar", "nsamples": s["samples"], "filesize": s["bytes"]}
+                               for s in shards]}
+        storage.write_json_atomic(fs, storage.join(out, split, "index.json"), index)
+    table = pa.table({
+        "key": [r["key"] for r in rows], "take_uid": [r["take_uid"] for r in rows],
+        "split": [r["split"] for r in rows], "t0": [r["t0"] for r in rows], "t1": [r["t1"] for r in rows],
+        "shard": [r["shard"] for r in rows], "views": [r["views"] for r in rows],
+        "sha256": [r["sha256"] for r in rows], "bytes": [r["bytes"] for r in rows]})
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    storage.write_bytes_atomic(fs, storage.join(out, "manifest.parquet"), buf.getvalue())
+    storage.write_json_atomic(fs, storage.join(out, "rejects.json"), rejects)
+    manifest = {
+        "stage": "shard", "format": FORMAT_VERSION, "release": release_url, "config": config.to_json(),
+        "fingerprint": config.fingerprint(), "shards": {s: [x["shard"] for x in v] for s, v in per_split.items()},
+        "samples": len(rows), "bytes": sum(x["bytes"] for v in per_split.values() for x in v),
+        "video_seconds": round(sum(x["video_seconds"] for v in per_split.values() for x in v), 3),
+        "rejects": len(rejects), "nodes": sorted({x["node_id"] for v in per_split.values() for x in v
+                                                   if x.get("node_id")}),
+    }
+    storage.write_json_atomic(fs, storage.join(out, "stage.json"), manifest)
+    return manifest

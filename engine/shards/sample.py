@@ -1,0 +1,242 @@
+"""One take cut into samples: media per view, sensor arrays, and every annotation in the window.
+
+Plain Python, no Ray: ``TakeSource`` gathers what the release says about one take (once),
+``build_samples`` yields the members of each window's sample.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+from typing import Iterator
+
+import numpy as np
+import pyarrow.csv as pacsv
+
+from engine import video
+from engine.release import Release
+from engine.release import records as rec
+from engine.shards.plan import ShardConfig, sample_key, select_views, window_frames
+
+FPS = 30.0
+
+
+class BadTake(Exception):
+    """This take cannot be sharded; the message says why."""
+
+
+def _asdict(record) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(record), default=_jsonable))
+
+
+def _jsonable(value):
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+def _overlap(items, t0: float, t1: float):
+    return [x for x in items if x.start_time < t1 and x.end_time > t0]
+
+
+@dataclasses.dataclass
+class TakeSource:
+    """Everything the release says about one take, gathered once per take."""
+    take: rec.Take
+    split: str
+    views: list[tuple[str, rec.View]]
+    num_frames: int
+    annotations: dict                 # benchmark -> take-level data, sliced per window later
+    trajectory: tuple[list[str], np.ndarray] | None
+    gaze: tuple[list[str], np.ndarray] | None
+
+    @classmethod
+    def load(cls, release: Release, take: rec.Take, split: str, config: ShardConfig) -> "TakeSource":
+        views = select_views(take, config.views, config.resolution)
+        if not views:
+            raise BadTake("no ego or exo view in takes.json")
+        counts = {}
+        for name, view in views:
+            if not release.exists(view.path):
+                raise BadTake(f"{view.key}: file not found ({view.path})")
+            try:
+                with release.open_file(view.path) as f:
+                    counts[name] = video.probe(f).frames
+            except video.VideoError as e:
+                raise BadTake(f"{view.key}: {e}") from None
+        if len(set(counts.values())) > 1:
+            raise BadTake(f"views disagree on frame count: {counts}")
+        return cls(take, split, views, next(iter(counts.values())), _take_annotations(release, take, split),
+                   _csv(release, f"{take.root_dir}/trajectory/closed_loop_trajectory.csv"),
+                   _csv(release, f"{take.root_dir}/eye_gaze/general_eye_gaze.csv"))
+
+
+def _csv(release: Release, relative: str) -> tuple[list[str], np.ndarray] | None:
+    """Numeric columns of a sensor CSV (timestamps in microseconds first), or None if absent."""
+    if not release.exists(relative):
+        return None
+    with release.open_file(relative) as f:
+        table = pacsv.read_csv(f)
+    columns = [n for n, t in zip(table.column_names, table.schema.types) if str(t).startswith(("int", "double", "float"))]
+    data = np.stack([table.column(c).to_numpy(zero_copy_only=False).astype(np.float64) for c in columns], axis=1)
+    return columns, data
+
+
+def _optional(load):
+    try:
+        return load()
+    except FileNotFoundError:
+        return None
+
+
+def _take_annotations(release: Release, take: rec.Take, split: str) -> dict:
+    uid = take.take_uid
+    out = {}
+    keystep = _optional(lambda: release.keystep(split))
+    if keystep and uid in keystep:
+        out["keystep"] = keystep[uid]
+    segments = _optional(lambda: release.keystep_segments(split)) or []
+    out["keystep_segments"] = [s for s in segments if s.take_uid == uid]
+    procedure = _optional(lambda: release.procedure_understanding(split))
+    if procedure and uid in procedure:
+        out["procedure_understanding"] = procedure[uid]
+    for name, load in (("proficiency_demonstrator", release.demonstrator_proficiency),
+                       ("proficiency_demonstration", release.demonstration_proficiency)):
+        entries = _optional(lambda: load(split)) or []
+        match = [e for e in entries if e.take_uid == uid]
+        if match:
+            out[name] = match[0]
+    for name, load in (("atomic_descriptions", release.atomic_descriptions),
+                       ("expert_commentary", release.expert_commentary)):
+        entries = _optional(lambda: load(split))
+        if entries and uid in entries:
+            out[name] = entries[uid]
+    relations = _optional(lambda: release.relations(split))
+    if relations and uid in relations:
+        out["relations"] = relations[uid]
+    for part in ("body", "hand"):
+        for kind in ("annotation", "automatic"):
+            raw = _optional(lambda: release.read_json(f"annotations/ego_pose/{split}/{part}/{kind}/{uid}.json"))
+            if raw is not None:
+                out[f"ego_pose_{part}_{kind}"] = raw
+    raw = _optional(lambda: release.read_json(f"annotations/ego_pose/{split}/camera_pose/{uid}.json"))
+    if raw is not None:
+        out["camera_pose"] = raw
+    return out
+
+
+def slice_annotations(ann: dict, t0: float, t1: float, f0: int, f1: int) -> dict:
+    """Every annotation of the take that falls in [t0, t1) (frames [f0, f1)), in the release's terms."""
+    out = {}
+    if "keystep" in ann:
+        k = ann["keystep"]
+        out["keystep"] = {"scenario": k.scenario, "segments": [_asdict(s) for s in _overlap(k.segments, t0, t1)]}
+    out["keystep_segments"] = [_asdict(s) for s in _overlap(ann["keystep_segments"], t0, t1)]
+    if "procedure_understanding" in ann:
+        out["procedure_understanding"] = [_asdict(s) for s in _overlap(ann["procedure_understanding"].segments, t0, t1)]
+    if "proficiency_demonstrator" in ann:
+        d = ann["proficiency_demonstrator"]
+        out["proficiency_demonstrator"] = {"proficiency_score": d.proficiency_score, "scenario_name": d.scenario_name}
+    if "proficiency_demonstration" in ann:
+        d = ann["proficiency_demonstration"]
+        out["proficiency_demonstration"] = {
+            "proficiency_score": d.proficiency_score,
+            "good_executions": [_asdict(e) for e in d.good_executions if t0 <= e.video_time < t1],
+            "tips_for_improvement": [_asdict(e) for e in d.tips_for_improvement if t0 <= e.video_time < t1]}
+    for name in ("atomic_descriptions", "expert_commentary"):
+        if name in ann:
+            out[name] = [_asdict(x) for x in ann[name] if t0 <= x.time < t1]
+    if "relations" in ann:
+        out["relations"] = {
+            obj: {view: {str(f): dataclasses.asdict(m) for f, m in frames.items() if f0 <= f < f1}
+                  for view, frames in views.items()}
+            for obj, views in ann["relations"].object_masks.items()}
+    for key in [k for k in ann if k.startswith("ego_pose_")]:
+        out[key] = {f: v for f, v in ann[key].items() if f0 <= int(f) < f1}
+    if "camera_pose" in ann:
+        cams = {}
+        for cam, entry in ann["camera_pose"].items():
+            if cam == "metadata" or not isinstance(entry, dict):
+                continue
+            ext = entry.get("camera_extrinsics")
+            if isinstance(ext, dict):   # moving (ego) camera: one pose per frame
+                entry = dict(entry, camera_extrinsics={f: m for f, m in ext.items() if f0 <= int(f) < f1})
+            cams[cam] = entry
+        out["camera_pose"] = cams
+    return out
+
+
+def _sensor_slice(sensor, t0: float, t1: float) -> tuple[list[str], np.ndarray] | None:
+    if sensor is None:
+        return None
+    columns, data = sensor
+    seconds = data[:, 0] / 1e6   # tracking_timestamp_us on the take's clock
+    return columns, data[(seconds >= t0) & (seconds < t1)]
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+def build_samples(release: Release, src: TakeSource, config: ShardConfig) -> Iterator[tuple[str, list[tuple[str, bytes]], dict]]:
+    """Yield (key, members, row) per window; members are (extension, bytes) in a fixed order."""
+    take = src.take
+    for f0, f1 in window_frames(src.num_frames, config.window, config.stride, FPS):
+        t0, t1 = f0 / FPS, f1 / FPS
+        key = sample_key(take.take_uid, f0)
+        members, views = [], {}
+        for name, view in src.views:
+            with release.open_file(view.path) as f:
+                try:
+                    if config.mode == "remux":
+                        clip = video.remux(f, f0, f1)
+                    elif config.mode == "transcode":
+                        clip = video.transcode(f, f0, f1, config.short_side, config.fps, config.gop)
+                    else:
+                        clip = video.jpeg_frames(f, f0, f1, config.short_side, config.fps)
+                except video.VideoError as e:
+                    raise BadTake(f"{view.key} window [{t0:.3f}, {t1:.3f}): {e}") from None
+            info = {"cam_id": view.cam_id, "stream_id": view.stream_id, "is_ego": view.is_ego, "key": view.key,
+                    "source": view.path, "width": clip.width, "height": clip.height,
+                    "source_frames": clip.source_frames,
+                    "media_start": clip.source_frames[0] / FPS, "media_end": (clip.source_frames[-1] + 1) / FPS}
+            if config.mode == "frames":
+                info["members"] = [f"{name}.{k:04d}.jpg" for k in range(len(clip.data))]
+                members += list(zip(info["members"], clip.data))
+            else:
+                info["member"] = f"{name}.mp4"
+                members.append((info["member"], clip.data))
+            views[name] = info
+        sensors = {}
+        for sensor_name, sensor in (("trajectory", src.trajectory), ("gaze", src.gaze)):
+            part = _sensor_slice(sensor, t0, t1)
+            if part is not None:
+                columns, data = part
+                sensors[sensor_name] = {"member": f"{sensor_name}.npy", "columns": columns, "rows": len(data)}
+                members.append((f"{sensor_name}.npy", _npy(data)))
+        ego = next((v for n, v in src.views if n == "ego"), None)
+        if ego is not None:
+            with release.open_file(ego.path) as f:
+                audio, rate = video.decode_audio(f, t0, t1)
+            if audio.size:
+                # float16 halves the bytes; its 11-bit mantissa is beyond what the AAC source holds.
+                sensors["audio"] = {"member": "audio.npy", "rate": rate, "channels": audio.shape[0],
+                                    "start": t0, "dtype": "float16"}
+                members.append(("audio.npy", _npy(audio.astype(np.float16))))
+        meta = {
+            "key": key,
+            "take": {"take_uid": take.take_uid, "take_name": take.take_name, "scenario": take.scenario,
+                     "task_name": take.task_name, "parent_task_id": take.parent_task_id, "split": src.split,
+                     "best_exo": take.best_exo, "num_frames": src.num_frames, "fps": FPS},
+            "window": {"t0": t0, "t1": t1, "start_frame": f0, "end_frame": f1},
+            "mode": config.mode,
+            "views": views,
+            "sensors": sensors,
+            "annotations": slice_annotations(src.annotations, t0, t1, f0, f1),
+        }
+        members.insert(0, ("json", json.dumps(meta, sort_keys=True).encode()))
+        row = {"key": key, "take_uid": take.take_uid, "split": src.split, "t0": t0, "t1": t1,
+               "views": sorted(views)}
+        yield key, members, row

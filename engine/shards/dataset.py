@@ -72,7 +72,8 @@ def decode_sample(sample: dict, views: Iterable[str] | None = None, num_frames: 
                   fps: float | None = None, size: tuple[int, int] | None = None) -> dict:
     """Decoded clip: {"key", "json", "times", "frames": {view: uint8 [T,H,W,3]},
     "source_frames": {view: [int]}, and "trajectory", "gaze", "audio" arrays when present}."""
-    sample = {k.lstrip("."): v for k, v in sample.items()}   # wids keeps the dot: ".ego.mp4"
+    # wids keeps the dot (".ego.mp4") and hands members over as streams.
+    sample = {k.lstrip("."): v.getvalue() if isinstance(v, io.BytesIO) else v for k, v in sample.items()}
     meta = _meta(sample)
     times = sample_times(meta, num_frames, fps)
     out = {"key": meta["key"], "json": meta, "times": times, "frames": {}, "source_frames": {}}
@@ -85,8 +86,10 @@ def decode_sample(sample: dict, views: Iterable[str] | None = None, num_frames: 
 
 def _register_fsspec_schemes() -> None:
     """Let webdataset open s3:// (and any fsspec URL) shards."""
+    import importlib
+
     import fsspec
-    from webdataset import gopen
+    gopen = importlib.import_module("webdataset.gopen")   # the package re-exports a function of that name
 
     def open_fsspec(url, mode="rb", bufsize=8192, **kw):
         return fsspec.open(url, mode).open()

@@ -187,7 +187,7 @@ def run(release_url: str, out_url: str, config: ShardConfig, storage_options: di
         # One CPU per shard (decode and mux are single-threaded per stream), spread across
         # nodes; a worker killed mid-shard is retried and rewrites the shard from scratch.
         ds = ds.map(_RayShardWriter(release_url, out_url, config, storage_options), num_cpus=1,
-                    max_retries=3, scheduling_strategy="SPREAD")
+                    ray_remote_args_fn=lambda: {"max_retries": 3, "scheduling_strategy": "SPREAD"})
         for row in ds.iter_rows():
             log(f"  {row['shard']}: {row['samples']} samples, {row['failures']} rejected takes")
     return finalize(fs, out, shard_plan, config, release_url)

@@ -1,0 +1,258 @@
+"""The shard job: alignment in every mode, readers, faults, crash and resume, S3, two nodes."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import ray
+import s3fs
+import webdataset as wds
+import wids
+
+from engine.release import Release
+from engine.release.stamp import read_stamp
+from engine.shards import decode_sample, ray_dataset
+from engine.shards import job
+from engine.shards.dataset import decode_view
+from engine.shards.plan import ShardConfig, ShardSpec, window_frames
+
+FPS = 30
+
+
+def _samples(paths):
+    return list(wds.WebDataset(sorted(paths), shardshuffle=False, empty_check=False))
+
+
+def _write(release_root: Path, out: Path, config: ShardConfig, takes: int = 2) -> list[dict]:
+    """Write one shard of the first takes of the train split, without Ray."""
+    uids = Release.open(str(release_root)).splits().split_to_take_uids["train"][:takes]
+    job.write_shard(ShardSpec("train", 0, tuple(uids)), str(release_root), str(out), config)
+    return _samples([str(out / "train" / "train-000000.tar")])
+
+
+@pytest.mark.parametrize("resolution", ["full", "448"])
+@pytest.mark.parametrize("mode", ["remux", "transcode", "frames"])
+def test_every_view_at_any_time_is_the_source_frame_at_that_time(default_release, tmp_path, mode, resolution):
+    config = ShardConfig(mode=mode, resolution=resolution, window=1.5, stride=1.0)
+    samples = _write(default_release, tmp_path, config, takes=1)
+    assert len(samples) == 4   # a 4 s take: windows [0,1.5) [1,2.5) [2,3.5) [3,4)
+    rng = np.random.default_rng(0)
+    for sample in samples:
+        meta = json.loads(sample["json"])
+        t0, t1 = meta["window"]["t0"], meta["window"]["t1"]
+        times = np.sort(rng.uniform(t0, t1, 5))
+        for name, info in meta["views"].items():
+            frames, source = decode_view(sample, name, times)
+            assert [read_stamp(f) for f in frames] == [int(np.floor(t * FPS + 1e-6)) for t in times] == source
+            short = min(info["width"], info["height"])
+            assert short == 448 if resolution == "448" else short > 448
+
+
+@pytest.mark.parametrize("mode", ["transcode", "frames"])
+def test_lower_fps_and_size_report_the_frame_they_show(default_release, tmp_path, mode):
+    config = ShardConfig(mode=mode, window=2.0, short_side=224, fps=5)
+    for sample in _write(default_release, tmp_path, config, takes=1):
+        meta = json.loads(sample["json"])
+        times = np.arange(meta["window"]["t0"], meta["window"]["t1"], 0.07)
+        for name in meta["views"]:
+            frames, source = decode_view(sample, name, times)
+            assert min(frames.shape[1:3]) == 224
+            assert [read_stamp(f) for f in frames] == source
+            assert all(-1e-6 <= t - s / FPS < 1 / 5 + 1e-6 for t, s in zip(times, source))
+
+
+def test_sample_carries_annotations_and_sensors(default_release, tmp_path):
+    samples = _write(default_release, tmp_path, ShardConfig(window=2.0), takes=4)
+    release = Release.open(str(default_release))
+    seen = set()
+    for sample in samples:
+        clip = decode_sample(sample, num_frames=2)
+        meta, ann = clip["json"], clip["json"]["annotations"]
+        t0, t1 = meta["window"]["t0"], meta["window"]["t1"]
+        assert sorted(clip["frames"]) == ["cam01", "cam02", "cam03", "cam04", "ego"]
+        assert clip["audio"].shape[1] == pytest.approx((t1 - t0) * 48000, abs=1100)
+        assert (clip["trajectory"][:, 0] / 1e6 >= t0).all() and (clip["trajectory"][:, 0] / 1e6 < t1).all()
+        assert ann["proficiency_demonstrator"]["proficiency_score"]
+        for seg in ann["keystep_segments"]:
+            assert seg["start_time"] < t1 and seg["end_time"] > t0 and seg["label_id"] is not None
+        for part in ("body", "hand"):
+            for frame in ann[f"ego_pose_{part}_annotation"]:
+                assert meta["window"]["start_frame"] <= int(frame) < meta["window"]["end_frame"]
+        ego_poses = ann["camera_pose"]["aria01"]["camera_extrinsics"]
+        assert sorted(map(int, ego_poses)) == list(range(meta["window"]["start_frame"], meta["window"]["end_frame"]))
+        for obj, views in ann["relations"].items():
+            for view, frames in views.items():
+                assert all(meta["window"]["start_frame"] <= int(f) < meta["window"]["end_frame"] for f in frames)
+        seen |= {k for k, v in ann.items() if v}
+        uid = meta["take"]["take_uid"]
+        assert meta["take"]["scenario"] == release.take(uid).scenario
+    assert {"keystep", "keystep_segments", "procedure_understanding", "proficiency_demonstrator",
+            "proficiency_demonstration", "relations", "atomic_descriptions", "expert_commentary",
+            "ego_pose_body_annotation", "ego_pose_hand_automatic", "camera_pose"} <= seen
+
+
+def test_windows_follow_the_take():
+    assert window_frames(120, 1.5, 1.0) == [(0, 45), (30, 75), (60, 105), (90, 120)]
+    assert window_frames(100, 8.0, None) == [(0, 100)]
+    assert window_frames(480, 8.0, None) == [(0, 240), (240, 480)]
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, log_to_driver=False, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+def _manifest(out) -> dict[str, str]:
+    table = pq.read_table(str(out / "manifest.parquet")).to_pylist()
+    return {r["key"]: r["sha256"] for r in table}
+
+
+def test_job_output_is_read_by_webdataset_wids_and_ray(tiny_release, tmp_path, local_ray):
+    out = tmp_path / "shards"
+    stage = job.run(str(tiny_release), str(out), ShardConfig(window=1.0, shard_bytes=300_000), progress=False)
+    manifest = _manifest(out)
+    assert stage["samples"] == len(manifest) == 3 * 2 and stage["rejects"] == 0
+    tars = glob.glob(str(out / "*" / "*.tar"))
+    assert {s["__key__"] for s in _samples(tars)} == set(manifest)
+    for split in stage["shards"]:
+        index = json.loads((out / split / "index.json").read_text())
+        dataset = wids.ShardListDataset(str(out / split / "index.json"), transformations=[])
+        assert len(dataset) == sum(s["nsamples"] for s in index["shardlist"])
+        for i in range(len(dataset)):
+            clip = decode_sample(dataset[i], num_frames=2)
+            assert clip["key"] in manifest and clip["frames"]["ego"].shape == (2, 448, 448, 3)
+    rows = ray_dataset(tars, views=["ego", "cam03"], num_frames=3).take_all()
+    assert sorted(r["key"] for r in rows) == sorted(manifest)
+    for r in rows:
+        assert [read_stamp(f) for f in r["frames_cam03"]] == [int(np.floor(t * FPS + 1e-6)) for t in r["times"]]
+    loader = __import__("torch").utils.data.DataLoader(
+        __import__("engine.shards", fromlist=["clip_dataset"]).clip_dataset(tars, views=["ego"], num_frames=2),
+        batch_size=None, num_workers=2)
+    assert sorted(c["key"] for c in loader) == sorted(manifest)
+    # Nothing changed: a rerun writes nothing new.
+    before = {p: os.stat(p).st_mtime_ns for p in tars}
+    job.run(str(tiny_release), str(out), ShardConfig(window=1.0, shard_bytes=300_000), progress=False)
+    assert {p: os.stat(p).st_mtime_ns for p in tars} == before
+    with pytest.raises(ValueError, match="another configuration"):
+        job.run(str(tiny_release), str(out), ShardConfig(window=2.0, shard_bytes=300_000), progress=False)
+
+
+def test_bad_takes_go_to_rejects_and_the_rest_is_sharded(faults_release, tmp_path, local_ray):
+    out = tmp_path / "shards"
+    job.run(str(faults_release), str(out), ShardConfig(window=1.0, resolution="full", shard_bytes=200_000),
+            progress=False)
+    rejects = {r["take_uid"]: r["reason"] for r in json.loads((out / "rejects.json").read_text())}
+    takes = Release.open(str(faults_release)).takes()
+    truncated, missing, short = (takes[i].take_uid for i in range(3))
+    assert set(rejects) == {truncated, missing, short}
+    assert "cam02" in rejects[truncated]
+    assert "cam03" in rejects[missing] and "not found" in rejects[missing]
+    assert "frame count" in rejects[short]
+    sharded = {r["take_uid"] for r in pq.read_table(str(out / "manifest.parquet")).to_pylist()}
+    assert sharded == {t.take_uid for t in takes[3:]}
+
+
+def test_s3_output_equals_local_output(tiny_release, tmp_path, s3_endpoint, local_ray):
+    options = {"key": "testing", "secret": "testing", "endpoint_url": s3_endpoint}
+    fs = s3fs.S3FileSystem(**options)
+    fs.mkdir("shards")
+    config = ShardConfig(window=1.0, shard_bytes=300_000)
+    job.run(str(tiny_release), str(tmp_path / "local"), config, progress=False)
+    job.run(str(tiny_release), "s3://shards/run", config, storage_options=options, progress=False)
+    local = sorted(glob.glob(str(tmp_path / "local" / "*" / "*.tar")))
+    assert local and sorted(fs.glob("shards/run/*/*.tar")) == \
+        sorted(f"shards/run/{Path(p).parent.name}/{Path(p).name}" for p in local)
+    for path in local:
+        assert fs.cat_file(f"shards/run/{Path(path).parent.name}/{Path(path).name}") == Path(path).read_bytes()
+    remote_manifest = pq.read_table(fs.open("shards/run/manifest.parquet")).to_pylist()
+    assert {r["key"]: r["sha256"] for r in remote_manifest} == _manifest(tmp_path / "local")
+    assert not [p for p in fs.find("shards/run") if p.endswith(".partial")]
+
+
+def test_two_node_cluster_shares_the_work(tiny_release, tmp_path):
+    from ray.cluster_utils import Cluster
+
+    ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    cluster.add_node(num_cpus=1)
+    try:
+        ray.init(address=cluster.address, log_to_driver=False)
+        stage = job.run(str(tiny_release), str(tmp_path / "shards"), ShardConfig(window=0.5, shard_bytes=1),
+                        progress=False)
+        assert len(stage["nodes"]) == 2, stage["nodes"]
+        assert stage["samples"] == 3 * 4
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+# ----------------------------------------------------------------------------- crash and resume
+
+def _run_cli(release, out, **popen):
+    cmd = [sys.executable, "-m", "engine", "shard", str(release), str(out), "--window", "1", "--shard-mb", "0.4"]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **popen)
+
+
+def _kill_one_shard_worker(stop: threading.Event, killed: list) -> None:
+    """Find a Ray worker while it writes a shard (its process title names the task) and kill -9 it."""
+    while not stop.is_set() and not killed:
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                title = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+            if "_RayShardWriter" in title:
+                os.kill(int(pid), signal.SIGKILL)
+                killed.append(int(pid))
+                return
+        time.sleep(0.05)
+
+
+def test_killed_worker_then_killed_driver_resume_to_identical_shards(default_release, tmp_path):
+    clean = _run_cli(default_release, tmp_path / "clean")
+    assert clean.wait(timeout=300) == 0
+    expected = _manifest(tmp_path / "clean")
+    assert len(expected) == 10 * 4
+
+    stop, killed = threading.Event(), []
+    watcher = threading.Thread(target=_kill_one_shard_worker, args=(stop, killed))
+    watcher.start()
+    run = _run_cli(default_release, tmp_path / "worker_killed")
+    assert run.wait(timeout=300) == 0
+    stop.set()
+    watcher.join()
+    assert killed, "no shard worker was seen running"
+    assert _manifest(tmp_path / "worker_killed") == expected
+
+    out = tmp_path / "driver_killed"
+    driver = _run_cli(default_release, out, start_new_session=True)
+    deadline = time.time() + 300
+    while not glob.glob(str(out / "*" / "*.stats.json")) and time.time() < deadline:
+        time.sleep(0.05)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    done = glob.glob(str(out / "*" / "*.stats.json"))
+    assert done and not (out / "stage.json").exists()
+    try:
+        os.killpg(driver.pid, signal.SIGKILL)   # Ray processes the dead driver left behind
+    except ProcessLookupError:
+        pass
+    rerun = _run_cli(default_release, out)
+    assert rerun.wait(timeout=300) == 0
+    assert _manifest(out) == expected
+    for run_dir in ("clean", "worker_killed", "driver_killed"):
+        leftovers = [p for p in (tmp_path / run_dir).rglob("*") if ".partial" in p.name or ".tmp-" in p.name]
+        assert leftovers == []

@@ -34,10 +34,10 @@ def _open(source: str | IO[bytes]):
 
 
 def probe(source: str | IO[bytes], check_tail: bool = True) -> VideoInfo:
-    """Read a video's header and, cheaply, prove its first and last frames decode.
+    """Read a video's header, decode its first frame and, cheaply, prove its tail is there.
 
-    The tail check seeks to the last second and decodes to the end, so a file cut short
-    after a complete header is caught without decoding the whole take.
+    The tail check seeks to the last second and reads (without decoding) every packet to the
+    end: a file cut short after a complete header is caught without decoding the take.
     """
     with _open(source) as container:
         if not container.streams.video:
@@ -53,16 +53,14 @@ def probe(source: str | IO[bytes], check_tail: bool = True) -> VideoInfo:
         if frames <= 0 or fps <= 0:
             raise VideoError("video stream declares no frames")
         try:
-            first = next(container.decode(stream), None)
-            if first is None:
+            if next(container.decode(stream), None) is None:
                 raise VideoError("no frame decodes")
             if check_tail and frames > 1:
-                last_index = -1
                 container.seek(max(0, int((duration - 1.0) / stream.time_base)), stream=stream, backward=True)
-                for frame in container.decode(stream):
-                    last_index = frame_index(frame, stream)
+                last_index = max((frame_index_of_pts(p.pts, stream) for p in container.demux(stream)
+                                  if p.pts is not None and p.size), default=-1)
                 if last_index != frames - 1:
-                    raise VideoError(f"truncated: header declares {frames} frames, last decodable is {last_index}")
+                    raise VideoError(f"truncated: header declares {frames} frames, the data ends at frame {last_index}")
         except av.error.FFmpegError as e:
             raise VideoError(f"decode failed: {e}") from e
         return info

@@ -16,6 +16,7 @@ Outputs under OUT:
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import hashlib
 import io
@@ -143,22 +144,29 @@ def plan(release: Release, config: ShardConfig) -> ShardPlan:
     for p in release.problems:   # takes.json entries that did not parse
         if p.file == "takes.json":
             rejects.append({"take_uid": p.take_uid or p.entry, "take_name": None, "split": None, "reason": p.reason})
+
+    def source_bytes(take) -> int:
+        views = select_views(take, config.views, config.resolution)
+        return sum(release.fs.size(release.path(v.path)) for _, v in views)
+
     for split in config.splits:
-        sized = []
+        members = []
         for uid in splits.split_to_take_uids.get(split, []):
-            take = takes.get(uid)
-            if take is None:
+            if uid in takes:
+                members.append(takes[uid])
+            else:
                 rejects.append({"take_uid": uid, "take_name": None, "split": split,
                                 "reason": "in splits.json but not in takes.json"})
-                continue
-            views = select_views(take, config.views, config.resolution)
+        # Sizes come from file listings; on an object store that is one request per file.
+        with concurrent.futures.ThreadPoolExecutor(32) as pool:
+            futures = [pool.submit(source_bytes, take) for take in members]
+        sized = []
+        for take, future in zip(members, futures):
             try:
-                nbytes = sum(release.fs.size(release.path(v.path)) for _, v in views)
+                sized.append((take.take_uid, future.result()))
             except FileNotFoundError as e:
-                rejects.append({"take_uid": uid, "take_name": take.take_name, "split": split,
+                rejects.append({"take_uid": take.take_uid, "take_name": take.take_name, "split": split,
                                 "reason": f"video file not found: {e}"})
-                continue
-            sized.append((uid, nbytes))
         specs += plan_shards(split, sized, config.shard_bytes)
     return ShardPlan(specs, rejects)
 

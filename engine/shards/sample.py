@@ -78,7 +78,7 @@ def _csv(release: Release, relative: str) -> tuple[list[str], np.ndarray] | None
     with release.open_file(relative) as f:
         table = pacsv.read_csv(f)
     columns = [n for n, t in zip(table.column_names, table.schema.types) if str(t).startswith(("int", "double", "float"))]
-    data = np.stack([table.column(c).to_numpy(zero_copy_only=False).astype(np.float64) for c in columns], axis=1)
+    data = np.stack([table.column(c).to_numpy().astype(np.float64) for c in columns], axis=1)
     return columns, data
 
 

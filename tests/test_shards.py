@@ -16,12 +16,13 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 import s3fs
+import torch
 import webdataset as wds
 import wids
 
 from engine.release import Release
 from engine.release.stamp import read_stamp
-from engine.shards import decode_sample, ray_dataset
+from engine.shards import clip_dataset, decode_sample, ray_dataset
 from engine.shards import job
 from engine.shards.dataset import decode_view
 from engine.shards.plan import ShardConfig, ShardSpec, window_frames
@@ -138,9 +139,8 @@ def test_job_output_is_read_by_webdataset_wids_and_ray(tiny_release, tmp_path, l
     assert sorted(r["key"] for r in rows) == sorted(manifest)
     for r in rows:
         assert [read_stamp(f) for f in r["frames_cam03"]] == [int(np.floor(t * FPS + 1e-6)) for t in r["times"]]
-    loader = __import__("torch").utils.data.DataLoader(
-        __import__("engine.shards", fromlist=["clip_dataset"]).clip_dataset(tars, views=["ego"], num_frames=2),
-        batch_size=None, num_workers=2)
+    loader = torch.utils.data.DataLoader(clip_dataset(tars, views=["ego"], num_frames=2), batch_size=None,
+                                         num_workers=2)
     assert sorted(c["key"] for c in loader) == sorted(manifest)
     # Nothing changed: a rerun writes nothing new.
     before = {p: os.stat(p).st_mtime_ns for p in tars}
@@ -179,6 +179,8 @@ def test_s3_output_equals_local_output(tiny_release, tmp_path, s3_endpoint, loca
         assert fs.cat_file(f"shards/run/{Path(path).parent.name}/{Path(path).name}") == Path(path).read_bytes()
     remote_manifest = pq.read_table(fs.open("shards/run/manifest.parquet")).to_pylist()
     assert {r["key"]: r["sha256"] for r in remote_manifest} == _manifest(tmp_path / "local")
+    urls = [f"s3://{p}" for p in sorted(fs.glob("shards/run/*/*.tar"))]   # endpoint from AWS_ENDPOINT_URL
+    assert sorted(c["key"] for c in clip_dataset(urls, views=["ego"], num_frames=1)) == sorted(_manifest(tmp_path / "local"))
     assert not [p for p in fs.find("shards/run") if p.endswith(".partial")]
 
 

@@ -88,11 +88,12 @@ def _register_fsspec_schemes() -> None:
     """Let webdataset open s3:// (and any fsspec URL) shards."""
     import importlib
 
-    import fsspec
+    from engine import storage
     gopen = importlib.import_module("webdataset.gopen")   # the package re-exports a function of that name
 
     def open_fsspec(url, mode="rb", bufsize=8192, **kw):
-        return fsspec.open(url, mode).open()
+        fs, path = storage.filesystem(url)
+        return fs.open(path, mode)
 
     for scheme in ("s3", "gs", "az"):
         gopen.gopen_schemes.setdefault(scheme, open_fsspec)

@@ -94,8 +94,8 @@ def decode(source: str | IO[bytes], size: tuple[int, int] | None = None,
 class VideoWriter:
     """H.264 yuv420p mp4 writer at a constant frame rate, with an optional AAC track.
 
-    Audio given up front is muxed alongside the frames, one video frame's worth at a time,
-    so the file interleaves like a camera recording.
+    Packets are muxed at close, in timestamp order: the file's bytes then depend only on the
+    encoded streams, not on when the encoders happened to return packets.
     """
 
     def __init__(self, target: str | IO[bytes], width: int, height: int, fps: int = 30,
@@ -109,13 +109,13 @@ class VideoWriter:
         self.stream.codec_context.gop_size = gop
         self.stream.options = {"crf": str(crf), "preset": preset}
         self.frames = 0
+        self.packets: list[av.Packet] = []
         self.audio = None
         if audio is not None:
             self.audio = np.ascontiguousarray(audio, dtype=np.float32)  # [channels, samples]
             self.audio_rate = audio_rate
             self.audio_stream = self.container.add_stream("aac", rate=audio_rate)
             self.audio_stream.layout = "mono" if self.audio.shape[0] == 1 else "stereo"
-            self.audio_sent = 0
 
     def write(self, image: np.ndarray | av.VideoFrame) -> None:
         """Append one frame (RGB array or PyAV frame), resized to the stream's size if needed."""
@@ -125,26 +125,28 @@ class VideoWriter:
                                    interpolation="AREA")
         frame.pts = self.frames
         frame.time_base = Fraction(1, self.fps)
-        self.container.mux(self.stream.encode(frame))
+        self.packets += self.stream.encode(frame)
         self.frames += 1
-        if self.audio is not None:
-            self._send_audio(self.frames * self.audio_rate // self.fps)
 
-    def _send_audio(self, until: int) -> None:
+    def _encode_audio(self) -> None:
+        """Whole frames of audio up to the video's end (a partial last frame is dropped)."""
         chunk = self.audio_stream.codec_context.frame_size or 1024
-        while self.audio_sent + chunk <= min(until, self.audio.shape[1]):
-            block = self.audio[:, self.audio_sent:self.audio_sent + chunk]
-            frame = av.AudioFrame.from_ndarray(block, format="fltp", layout=self.audio_stream.layout.name)
+        end = min(self.audio.shape[1], self.frames * self.audio_rate // self.fps)
+        for start in range(0, end - chunk + 1, chunk):
+            frame = av.AudioFrame.from_ndarray(self.audio[:, start:start + chunk].copy(), format="fltp",
+                                               layout=self.audio_stream.layout.name)
             frame.sample_rate = self.audio_rate
-            frame.pts = self.audio_sent
+            frame.pts = start
             frame.time_base = Fraction(1, self.audio_rate)
-            self.container.mux(self.audio_stream.encode(frame))
-            self.audio_sent += chunk
+            self.packets += self.audio_stream.encode(frame)
+        self.packets += self.audio_stream.encode(None)
 
     def close(self) -> None:
-        self.container.mux(self.stream.encode(None))
+        self.packets += self.stream.encode(None)
         if self.audio is not None:
-            self.container.mux(self.audio_stream.encode(None))
+            self._encode_audio()
+        for packet in sorted(self.packets, key=lambda p: (float(p.dts * p.time_base), p.stream.index)):
+            self.container.mux(packet)
         self.container.close()
 
     def __enter__(self):

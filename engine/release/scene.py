@@ -61,12 +61,6 @@ class Camera:
             return self.R[frame], self.t[frame]
         return self.R, self.t
 
-    def scaled(self, width: int, height: int) -> "Camera":
-        K = self.K.copy()
-        K[0] *= width / self.width
-        K[1] *= height / self.height
-        return dataclasses.replace(self, width=width, height=height, K=K)
-
 
 # Bones drawn as capsules: (joint a, joint b, radius in metres).
 BODY_BONES = [
@@ -239,6 +233,3 @@ def floor_labels(camera: Camera, frame: int, step: int = 4) -> np.ndarray:
     small = np.where(on_floor, np.where(checker == 1, FLOOR_A, FLOOR_B), BG).astype(np.uint8)
     return np.repeat(np.repeat(small, step, axis=0), step, axis=1)[:camera.height, :camera.width]
 
-
-def colourize(labels: np.ndarray, colours: np.ndarray) -> np.ndarray:
-    return colours[labels]

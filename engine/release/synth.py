@@ -80,7 +80,6 @@ PRESETS = {
     # Benchmarks: 60 takes of a minute, 5 views each: 5 view-hours.
     "large": Preset(takes=60, seconds=60.0, ego_size=512, exo_size=(960, 540)),
 }
-FAULT_KINDS = ("truncated_video", "missing_view", "short_view", "unknown_take_annotation")
 
 
 def downscaled_size(width: int, height: int) -> tuple[int, int]:

@@ -258,3 +258,17 @@ def test_killed_worker_then_killed_driver_resume_to_identical_shards(default_rel
     for run_dir in ("clean", "worker_killed", "driver_killed"):
         leftovers = [p for p in (tmp_path / run_dir).rglob("*") if ".partial" in p.name or ".tmp-" in p.name]
         assert leftovers == []
+
+
+def test_a_few_frames_decode_a_few_gops_not_the_window(default_release, monkeypatch):
+    """decode_at seeks to the keyframe before each wanted frame when that skips decoding."""
+    from engine import video
+
+    take = Release.open(str(default_release)).takes()[0]
+    clip = video.transcode(str(default_release / take.views("448")[1].path), 0, 120, gop=30)
+    decoded = []
+    real = video.frame_index
+    monkeypatch.setattr(video, "frame_index", lambda frame, stream: decoded.append(1) or real(frame, stream))
+    frames = video.decode_at(clip.data, [3, 100])
+    assert [read_stamp(frames[k]) for k in (3, 100)] == [3, 100]
+    assert len(decoded) <= 4 + 11 + 8   # frames 0-3, 90-100, plus decoder look-ahead; not 101

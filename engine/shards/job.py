@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from engine import storage
-from engine.release import Release, ReleaseError
+from engine.release import Release
 from engine.shards.plan import FORMAT_VERSION, ShardConfig, ShardSpec, plan_shards, select_views
 from engine.shards.sample import BadTake, TakeSource, build_samples
 
@@ -98,9 +98,13 @@ def write_shard(spec: ShardSpec, release_url: str, out_url: str, config: ShardCo
                         row.update(shard=spec.name, sha256=digest.hexdigest(),
                                    bytes=sum(len(d) for _, d in members))
                         take_rows.append(row)
-                except (BadTake, ReleaseError, OSError) as e:
+                except BadTake as e:
                     rejects.append({"take_uid": uid, "take_name": take.take_name, "split": spec.split,
                                     "reason": str(e)})
+                    continue
+                except Exception as e:   # noqa: BLE001 - one odd take must not cost the other takes
+                    rejects.append({"take_uid": uid, "take_name": take.take_name, "split": spec.split,
+                                    "reason": f"{type(e).__name__}: {e}"})
                     continue
                 scratch.seek(0)
                 while chunk := scratch.read(1 << 24):

@@ -10,6 +10,7 @@ import io
 import json
 from typing import Iterator
 
+import av
 import numpy as np
 import pyarrow.csv as pacsv
 
@@ -196,7 +197,7 @@ def build_samples(release: Release, src: TakeSource, config: ShardConfig) -> Ite
                         clip = video.transcode(f, f0, f1, config.short_side, config.fps, config.gop)
                     else:
                         clip = video.jpeg_frames(f, f0, f1, config.short_side, config.fps)
-                except video.VideoError as e:
+                except (video.VideoError, av.error.FFmpegError) as e:
                     raise BadTake(f"{view.key} window [{t0:.3f}, {t1:.3f}): {e}") from None
             info = {"cam_id": view.cam_id, "stream_id": view.stream_id, "is_ego": view.is_ego, "key": view.key,
                     "source": view.path, "width": clip.width, "height": clip.height,

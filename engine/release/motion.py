@@ -41,8 +41,9 @@ def _hsv_to_rgb(h, s, v):
 def smooth_noise(rng: np.random.Generator, n: int, dims: int, width: int) -> np.ndarray:
     """Unit-variance noise low-passed by a moving average of ``width`` frames."""
     raw = rng.standard_normal((n + width, dims))
-    kernel = np.ones(width) / width
-    out = np.stack([np.convolve(raw[:, d], kernel, mode="valid")[:n] for d in range(dims)], axis=1)
+    # A running sum, not np.convolve (whose dot products may round with memory alignment).
+    total = np.concatenate([np.zeros((1, dims)), np.cumsum(raw, axis=0)])
+    out = (total[width:width + n] - total[:n]) / width
     return out / out.std(axis=0, keepdims=True).clip(1e-9)
 
 
@@ -153,7 +154,7 @@ def _hand(body: np.ndarray, side: str, left: np.ndarray) -> np.ndarray:
     wrist = body[:, BODY_JOINTS.index(f"{side}-wrist")]
     elbow = body[:, BODY_JOINTS.index(f"{side}-elbow")]
     along = wrist - elbow
-    along /= np.linalg.norm(along, axis=1, keepdims=True)
+    along /= np.sqrt((along * along).sum(axis=1, keepdims=True))
     across = left if side == "left" else -left
     joints = [wrist]
     for f, finger in enumerate(FINGERS):

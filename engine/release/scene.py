@@ -23,15 +23,31 @@ NUM_LABELS = 16
 NEAR = 0.05                     # near clipping plane, metres
 
 
+# Geometry is written with elementwise arithmetic, not matmul: BLAS kernels may round
+# differently with the memory alignment of their inputs, and one flipped edge pixel is
+# enough to change an encoded video. Elementwise ufuncs round the same way every run.
+
+def transform(points: np.ndarray, R: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """``points @ R.T + t`` for points [..., 3]."""
+    return points[..., 0:1] * R[:, 0] + points[..., 1:2] * R[:, 1] + points[..., 2:3] * R[:, 2] + t
+
+
+def camera_centre(R: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """``-R.T @ t``: the camera's position in the world."""
+    return -(R[0] * t[0] + R[1] * t[1] + R[2] * t[2])
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    return v / np.sqrt((v * v).sum())
+
+
 def look_at(position: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """World-to-camera rotation and translation of a camera at ``position`` looking at ``target``."""
-    forward = target - position
-    forward = forward / np.linalg.norm(forward)
-    right = np.cross(forward, [0.0, 0.0, 1.0])
-    right = right / np.linalg.norm(right)
+    forward = _unit(target - position)
+    right = _unit(np.cross(forward, [0.0, 0.0, 1.0]))
     down = np.cross(forward, right)
     rotation = np.stack([right, down, forward])
-    return rotation, -rotation @ position
+    return rotation, -transform(position, rotation, np.zeros(3))
 
 
 def intrinsics(width: int, height: int, hfov_deg: float) -> np.ndarray:
@@ -41,7 +57,7 @@ def intrinsics(width: int, height: int, hfov_deg: float) -> np.ndarray:
 
 def project(points: np.ndarray, K: np.ndarray, R: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Pixel coordinates [N, 2] and camera depth [N] of world points [N, 3]."""
-    cam = points @ R.T + t
+    cam = transform(points, R, t)
     z = cam[:, 2]
     uv = (cam[:, :2] / np.maximum(z, 1e-9)[:, None]) * [K[0, 0], K[1, 1]] + [K[0, 2], K[1, 2]]
     return uv, z
@@ -119,7 +135,7 @@ class Canvas:
         ys, xs = np.ogrid[y0:y1, x0:x1]
         d = b - a
         px, py = xs - a[0], ys - a[1]
-        s = np.clip((px * d[0] + py * d[1]) / max(d @ d, 1e-9), 0.0, 1.0)
+        s = np.clip((px * d[0] + py * d[1]) / max(d[0] * d[0] + d[1] * d[1], 1e-9), 0.0, 1.0)
         inside = (px - s * d[0]) ** 2 + (py - s * d[1]) ** 2 <= r * r
         self.label[y0:y1, x0:x1][inside] = label
 
@@ -178,14 +194,14 @@ def render_labels(state: SceneState, camera: Camera, frame: int, floor: np.ndarr
         return np.array([p[0] / p[2] * fx + K[0, 2], p[1] / p[2] * K[1, 1] + K[1, 2]])
 
     items = []  # (depth, draw callable)
-    body = state.body[frame] @ R.T + t
+    body = transform(state.body[frame], R, t)
     for ja, jb, radius in BODY_BONES:
         seg = _clip_segment(body[_BODY_INDEX[ja]], body[_BODY_INDEX[jb]])
         if seg is not None:
             a, b = seg
             items.append(((a[2] + b[2]) / 2, canvas.capsule, (to_px(a), to_px(b), fx * radius / min(a[2], b[2]), BODY)))
     spheres = [(state.head[frame], 0.11, HEAD), (state.held[frame], 0.08, HELD)]
-    hands = state.hands[frame] @ R.T + t
+    hands = transform(state.hands[frame], R, t)
     for side in ("left", "right"):
         wrist = hands[_HAND_INDEX[f"{side}_wrist"]]
         spheres.append(((state.hands[frame][_HAND_INDEX[f"{side}_wrist"]]), 0.035, HAND))
@@ -195,11 +211,11 @@ def render_labels(state: SceneState, camera: Camera, frame: int, floor: np.ndarr
                 a, b = seg
                 items.append(((a[2] + b[2]) / 2, canvas.capsule, (to_px(a), to_px(b), fx * 0.011 / min(a[2], b[2]), HAND)))
     for centre, radius, label in spheres:
-        c = R @ centre + t
+        c = transform(centre, R, t)
         if c[2] > NEAR + radius:
             items.append((c[2], canvas.disk, (*to_px(c), fx * radius / c[2], label)))
     for obj in state.objects:
-        c = R @ obj["centre"] + t
+        c = transform(obj["centre"], R, t)
         if c[2] <= NEAR + obj["size"]:
             continue
         if obj["shape"] == "sphere":
@@ -207,7 +223,7 @@ def render_labels(state: SceneState, camera: Camera, frame: int, floor: np.ndarr
         else:
             corners = obj["centre"] + obj["size"] * np.array(
                 [[x, y, z] for x in (-1, 1) for y in (-1, 1) for z in (-1, 1)], dtype=np.float64)
-            cam = corners @ R.T + t
+            cam = transform(corners, R, t)
             if (cam[:, 2] > NEAR).all():
                 uv = cam[:, :2] / cam[:, 2:3] * [fx, K[1, 1]] + [K[0, 2], K[1, 2]]
                 items.append((c[2], canvas.convex, (uv, obj["label"])))
@@ -219,12 +235,12 @@ def render_labels(state: SceneState, camera: Camera, frame: int, floor: np.ndarr
 def floor_labels(camera: Camera, frame: int, step: int = 4) -> np.ndarray:
     """Checkerboard floor (0.5 m squares) seen by a camera, computed on a coarse grid."""
     R, t = camera.pose(frame)
-    centre = -R.T @ t
+    centre = camera_centre(R, t)
     h, w = -(-camera.height // step), -(-camera.width // step)
     v, u = np.mgrid[0:h, 0:w]
-    rays = np.stack([(u * step + step / 2 - camera.K[0, 2]) / camera.K[0, 0],
-                     (v * step + step / 2 - camera.K[1, 2]) / camera.K[1, 1],
-                     np.ones((h, w))], axis=-1) @ R   # camera rays in world coordinates
+    rays = transform(np.stack([(u * step + step / 2 - camera.K[0, 2]) / camera.K[0, 0],
+                               (v * step + step / 2 - camera.K[1, 2]) / camera.K[1, 1],
+                               np.ones((h, w))], axis=-1), R.T, np.zeros(3))   # camera rays in the world
     with np.errstate(divide="ignore", invalid="ignore"):
         s = -centre[2] / rays[..., 2]
         x, y = centre[0] + s * rays[..., 0], centre[1] + s * rays[..., 1]

@@ -332,8 +332,8 @@ def _write_take(plan: TakePlan, root: str, ego_size: int, exo_size: tuple[int, i
 def _best_exo(cams: dict[str, sc.Camera]) -> str:
     """The GoPro looking most squarely at the demonstrator's front (+x)."""
     def facing(cam):
-        centre = -cam.R.T @ cam.t
-        return centre[0] / np.linalg.norm(centre[:2])
+        centre = sc.camera_centre(cam.R, cam.t)
+        return centre[0] / np.hypot(centre[0], centre[1])
     return max(EXO_CAMS, key=lambda cid: facing(cams[cid]))
 
 
@@ -362,7 +362,7 @@ def _write_sensors(plan: TakePlan, tdir: Path, state: sc.SceneState, cams, audio
                     "gravity_x_world", "gravity_y_world", "gravity_z_world", "quality_score"])
         for ts, i in zip(times, frames):
             R, t = ego.pose(i)
-            centre = -R.T @ t
+            centre = sc.camera_centre(R, t)
             w.writerow([plan.capture_uid, int(ts * 1e6), int(1.7e18 + ts * 1e9), *np.round(centre, 5),
                         *np.round(_quaternion(R.T), 6), 0.0, 0.0, -9.81, 1.0])
     with open(traj / "gopro_calibs.csv", "w", newline="") as f:
@@ -374,7 +374,7 @@ def _write_sensors(plan: TakePlan, tdir: Path, state: sc.SceneState, cams, audio
             cam = cams[cam_id]
             qx, qy, qz, qw = _quaternion(cam.R.T)
             w.writerow([cam_id, cam.width, cam.height, "Pinhole", cam.K[0, 0], cam.K[1, 1], cam.K[0, 2], cam.K[1, 2],
-                        qw, qx, qy, qz, *(-cam.R.T @ cam.t)])
+                        qw, qx, qy, qz, *sc.camera_centre(cam.R, cam.t)])
     gaze_dir = tdir / "eye_gaze"
     gaze_dir.mkdir(exist_ok=True)
     with open(gaze_dir / "general_eye_gaze.csv", "w", newline="") as f:
@@ -382,9 +382,9 @@ def _write_sensors(plan: TakePlan, tdir: Path, state: sc.SceneState, cams, audio
         w.writerow(["tracking_timestamp_us", "yaw_rads_cpf", "pitch_rads_cpf", "depth_m"])
         for i in range(0, plan.n_frames, 3):  # 10 Hz
             R, t = ego.pose(i)
-            target = R @ state.held[i] + t
+            target = sc.transform(state.held[i], R, t)
             w.writerow([int(i / FPS * 1e6), round(float(np.arctan2(target[0], target[2])), 5),
-                        round(float(np.arctan2(-target[1], target[2])), 5), round(float(np.linalg.norm(target)), 4)])
+                        round(float(np.arctan2(-target[1], target[2])), 5), round(float(np.sqrt((target * target).sum())), 4)])
     audio_dir = tdir / "audio"
     audio_dir.mkdir(exist_ok=True)
     pcm = (np.clip(audio[0], -1, 1) * 32767).astype("<i2")

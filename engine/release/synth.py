@@ -278,9 +278,9 @@ def _write_take(plan: TakePlan, root: str, ego_size: int, exo_size: tuple[int, i
     cams = _cameras(plan, state.eye, state.gaze, ego_size, exo_size, rng)
     n = plan.n_frames
     short_cam, short_by = plan.faults.get("short_view", (None, 0))
-    writers = {}
+    writers, names = {}, {}
     for cam_id, cam in cams.items():
-        name = f"{cam_id}_{EGO_STREAM}.mp4" if cam_id == EGO_CAM else f"{cam_id}.mp4"
+        name = names[cam_id] = f"{cam_id}_{EGO_STREAM}.mp4" if cam_id == EGO_CAM else f"{cam_id}.mp4"
         track = audio if cam_id == EGO_CAM else None
         small = downscaled_size(cam.width, cam.height)
         writers[cam_id] = [VideoWriter(str(videos / name), cam.width, cam.height, audio=track)]
@@ -309,13 +309,11 @@ def _write_take(plan: TakePlan, root: str, ego_size: int, exo_size: tuple[int, i
             frame = av.VideoFrame.from_ndarray((labels, palette), format="pal8")
             for writer in writers[cam_id]:
                 writer.write(frame)
-    for ws in writers.values():
+    for cam_id, ws in writers.items():
         for w in ws:
             w.close()
-    if len(writers[EGO_CAM]) == 1:   # full resolution already is 448: the copies are identical files
-        for cam_id in cams:
-            name = f"{cam_id}_{EGO_STREAM}.mp4" if cam_id == EGO_CAM else f"{cam_id}.mp4"
-            shutil.copyfile(videos / name, videos / "downscaled" / str(DOWNSCALED) / name)
+        if len(ws) == 1:   # full resolution already is 448: the copy is the same file
+            shutil.copyfile(videos / names[cam_id], videos / "downscaled" / str(DOWNSCALED) / names[cam_id])
 
     _write_sensors(plan, tdir, state, cams, audio)
     _write_ego_pose(plan, Path(root), state, cams)

@@ -59,6 +59,25 @@ def _shard(args) -> int:
     return 0
 
 
+def _features(args) -> int:
+    from engine.features import job, models
+
+    try:
+        spec = models.resolve(args.model, args.weights, kind=args.input, frames=args.frames, size=args.size)
+        config = job.FeatureConfig(model=spec, window=args.window, stride=args.stride, fps=args.fps,
+                                   views=args.views, splits=tuple(args.split) if args.split else None,
+                                   batch_size=args.batch_size, precision=args.precision,
+                                   gpus_per_actor=args.gpus_per_actor, actors=args.actors,
+                                   cpus_per_actor=args.cpus_per_actor)
+        manifest = job.run(args.shards, args.out, config, address=args.address)
+    except ValueError as e:
+        print(f"ee4d features: {e}", file=sys.stderr)
+        return 2
+    print(f"{manifest['take_views']} take views of {manifest['dim']}-d features ({manifest['written_this_run']} "
+          f"written now), {manifest['rejects']} rejected (see rejects.json) -> {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ee4d", description="Ego-Exo4D data engine on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -99,6 +118,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-mb", type=float, default=1000.0, help="target shard size in MB (default 1000)")
     p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
     p.set_defaults(func=_shard)
+
+    p = sub.add_parser("features", help="compute features from shards (Ray Data; GPU actors when present)")
+    p.add_argument("shards", help="a finished shard stage: a path or an fsspec URL")
+    p.add_argument("out", help="output location, e.g. <release>/features/<model>")
+    p.add_argument("--model", required=True,
+                   help="tiny_video, tiny_image, torchscript:PATH, export:PATH, torchvision:NAME, timm:NAME "
+                        "or package.module:factory")
+    p.add_argument("--weights", help="weights file (a state_dict); nothing is downloaded")
+    p.add_argument("--input", choices=["video", "image"], help="model input kind (built-ins know theirs)")
+    p.add_argument("--frames", type=int, help="video models: frames fed per window (default 32; tiny_video 8)")
+    p.add_argument("--size", type=int, help="input side in pixels (default 224; built-ins 64)")
+    p.add_argument("--window", type=int, default=32, help="window in frames at 30 fps (official: 32)")
+    p.add_argument("--stride", type=int, default=16, help="stride in frames (official: 16)")
+    p.add_argument("--fps", type=float, help="image models: features per second (default: every frame)")
+    p.add_argument("--views", default="all", choices=["ego", "all"])
+    p.add_argument("--split", nargs="+", choices=["train", "val", "test"], help="default: every split in the shards")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="auto: bf16 autocast on GPU, fp32 on CPU")
+    p.add_argument("--gpus-per-actor", type=float, default=1.0, help="fractions pack several actors per GPU")
+    p.add_argument("--actors", type=int, help="model actors (default: one per GPU share, or 1 without GPUs)")
+    p.add_argument("--cpus-per-actor", type=float, default=1.0, help="without GPUs: CPUs (torch threads) per actor")
+    p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
+    p.set_defaults(func=_features)
     return parser
 
 

@@ -6,6 +6,8 @@ S3 settings come from the usual AWS environment variables (``AWS_ACCESS_KEY_ID``
 """
 from __future__ import annotations
 
+import atexit
+import functools
 import json
 import os
 import posixpath
@@ -23,8 +25,39 @@ def filesystem(url: str, storage_options: dict | None = None) -> tuple[fsspec.Ab
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         if endpoint and "endpoint_url" not in options and "endpoint_url" not in options.get("client_kwargs", {}):
             options["endpoint_url"] = endpoint
+        _stop_io_thread_at_exit()
     fs, path = url_to_fs(url, **options)
     return fs, path.rstrip("/") or path
+
+
+@functools.cache
+def _stop_io_thread_at_exit() -> None:
+    atexit.register(_stop_io_thread)
+
+
+def _stop_io_thread() -> None:
+    """Close S3 sessions and stop fsspec's IO thread while the interpreter is still whole.
+
+    s3fs runs its requests on a daemon event-loop thread; a daemon thread still running C code
+    while the interpreter finalizes is a classic way for a process to crash on its way out.
+    """
+    import fsspec.asyn
+
+    loop, thread = fsspec.asyn.loop[0], fsspec.asyn.iothread[0]
+    if loop is None or not loop.is_running():
+        return
+    try:
+        import s3fs
+        for fs in list(s3fs.S3FileSystem._cache.values()):
+            if getattr(fs, "_s3", None) is not None:
+                fsspec.asyn.sync(loop, fs._s3.__aexit__, None, None, None, timeout=5)
+                fs._s3 = None
+        s3fs.S3FileSystem.clear_instance_cache()
+        fsspec.asyn.sync(loop, loop.shutdown_default_executor, timeout=5)
+    except Exception:   # noqa: BLE001 - best effort on the way out; stopping the loop matters most
+        pass
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(timeout=5)
 
 
 def join(*parts: str) -> str:
@@ -58,3 +91,17 @@ def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) ->
 
 def write_json_atomic(fs: fsspec.AbstractFileSystem, path: str, obj: Any) -> None:
     write_bytes_atomic(fs, path, json.dumps(obj, indent=1).encode())
+
+
+def claim(fs: fsspec.AbstractFileSystem, out: str, wanted: dict) -> None:
+    """Write ``<out>/_config.json`` first, or check that it matches: one output location holds
+    one configuration, so a resumed job never mixes two. ``wanted`` carries ``fingerprint`` and
+    ``source`` (what the stage reads)."""
+    path = join(out, "_config.json")
+    if fs.exists(path):
+        existing = read_json(fs, path)
+        if (existing.get("fingerprint"), existing.get("source")) != (wanted["fingerprint"], wanted["source"]):
+            raise ValueError(f"{out} holds the output of another configuration or input ({path}); "
+                             "use a new output location")
+        return
+    write_json_atomic(fs, path, wanted)

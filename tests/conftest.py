@@ -48,6 +48,17 @@ def learn_release(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local Ray for a test module (the two-node tests start and stop their own cluster)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, log_to_driver=False, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
 @pytest.fixture
 def damaged(tiny_release, tmp_path) -> Path:
     """A private copy of the tiny release to break."""

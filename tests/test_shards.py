@@ -108,14 +108,6 @@ def test_windows_follow_the_take():
     assert window_frames(480, 8.0, None) == [(0, 240), (240, 480)]
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, log_to_driver=False, include_dashboard=False)
-    yield
-    ray.shutdown()
-
-
 def _manifest(out) -> dict[str, str]:
     table = pq.read_table(str(out / "manifest.parquet")).to_pylist()
     return {r["key"]: r["sha256"] for r in table}

@@ -6,6 +6,7 @@ only what those times need.
 """
 from __future__ import annotations
 
+import bisect
 import io
 import json
 from typing import Iterable, Sequence
@@ -31,26 +32,26 @@ def _source_frame(t: float, fps: float) -> int:
 
 
 def decode_view(sample: dict, name: str, times: Sequence[float], size: tuple[int, int] | None = None) -> tuple[np.ndarray, list[int]]:
-    """Frames of view ``name`` at ``times`` (uint8 [T, H, W, 3]) and the source frame of each.
+    """Frames of view ``name`` at ``times`` (uint8 [T, H, W, 3]) and the source frame of each."""
+    fps = _meta(sample)["take"]["fps"]
+    images, shown = view_frames(sample, name, [_source_frame(t, fps) for t in times], size)
+    return np.stack(images), shown
 
-    Video members show exactly the source frame at t; JPEG members (frames mode) show the
-    latest kept frame at or before t.
+
+def view_frames(sample: dict, name: str, wanted: Sequence[int], size: tuple[int, int] | None = None) -> tuple[list[np.ndarray], list[int]]:
+    """Frames of view ``name`` showing source frames ``wanted``, and the source frame each shows.
+
+    Video members show exactly the wanted frame; members kept at a lower rate (transcode or
+    frames mode with --fps) show the latest kept frame at or before it.
     """
-    meta = _meta(sample)
-    info = meta["views"][name]
-    fps = meta["take"]["fps"]
+    info = _meta(sample)["views"][name]
     source = info["source_frames"]
-    position = {s: k for k, s in enumerate(source)}
     picks = []
-    for t in times:
-        wanted = _source_frame(t, fps)
-        if wanted in position:
-            picks.append(position[wanted])
-        else:   # frames mode at a lower fps: the latest kept frame before t
-            earlier = [k for k, s in enumerate(source) if s <= wanted]
-            if not earlier:
-                raise ValueError(f"time {t:.3f} is before the first frame of view {name}")
-            picks.append(earlier[-1])
+    for frame in wanted:
+        k = bisect.bisect_right(source, frame) - 1
+        if k < 0:
+            raise ValueError(f"source frame {frame} is before the first frame of view {name}")
+        picks.append(k)
     if "members" in info:
         images = [video.decode_jpeg(sample[info["members"][k]]) for k in picks]
         if size:
@@ -60,7 +61,7 @@ def decode_view(sample: dict, name: str, times: Sequence[float], size: tuple[int
     else:
         decoded = video.decode_at(sample[info["member"]], picks, size)
         images = [decoded[k] for k in picks]
-    return np.stack(images), [source[k] for k in picks]
+    return images, [source[k] for k in picks]
 
 
 def _meta(sample: dict) -> dict:

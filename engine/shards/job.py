@@ -183,7 +183,8 @@ def run(release_url: str, out_url: str, config: ShardConfig, storage_options: di
     release = Release.open(release_url, storage_options)
     fs, out = storage.filesystem(out_url, storage_options)
     fs.makedirs(out, exist_ok=True)
-    _claim(fs, out, config, release_url)
+    storage.claim(fs, out, {"source": release_url, "config": config.to_json(),
+                            "fingerprint": config.fingerprint(), "format": FORMAT_VERSION})
     shard_plan = plan(release, config)
     todo = [s for s in shard_plan.specs if not fs.exists(_shard_paths(out, s)[1])]
     log = print if progress else (lambda *a, **k: None)
@@ -216,20 +217,6 @@ class _RayShardWriter:
         spec = ShardSpec(d["split"], d["index"], tuple(d["take_uids"]))
         stats = write_shard(spec, *self.args)
         return {"shard": stats["shard"], "samples": stats["samples"], "failures": len(stats["failures"])}
-
-
-def _claim(fs, out: str, config: ShardConfig, release_url: str) -> None:
-    """Write the config first; refuse to mix two configurations in one output."""
-    path = storage.join(out, "_config.json")
-    wanted = {"release": release_url, "config": config.to_json(), "fingerprint": config.fingerprint(),
-              "format": FORMAT_VERSION}
-    if fs.exists(path):
-        existing = storage.read_json(fs, path)
-        if existing.get("fingerprint") != wanted["fingerprint"] or existing.get("release") != release_url:
-            raise ValueError(f"{out} holds shards of another configuration or release ({path}); "
-                             "use a new output location")
-        return
-    storage.write_json_atomic(fs, path, wanted)
 
 
 def finalize(fs, out: str, shard_plan: ShardPlan, config: ShardConfig, release_url: str) -> dict:

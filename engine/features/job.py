@@ -1,0 +1,370 @@
+"""The feature job: shards in, one feature tensor per take and view out, on any Ray cluster.
+
+Pipeline (Ray Data, streaming):
+  shards --flat_map on CPU tasks--> windows of frames (uint8, cropped to the model's input)
+         --map_batches on an actor pool (GPU when the cluster has one, CPU otherwise)--> vectors
+         --> the driver gathers each take view's windows and writes its files when complete.
+
+Outputs under OUT (the official layout is OUT = <release>/features/<model>):
+  <take_uid>_<cam_id>_<stream_id>.pt    float32 [num_windows, dim]; written last for its take view,
+                                        so it marks that take view finished
+  parquet/<same stem>.parquet           take_uid, cam_id, stream_id, window, t0, t1, vector
+  rejects.json                          take views (or shards) that produced nothing, and why
+  _config.json                          written first: a rerun with another model or window is refused
+  stage.json                            written last: model, weights sha256, window settings, counts
+
+A rerun skips take views whose .pt exists and shards whose take views are all done.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import time
+from typing import Any, Iterator
+
+import numpy as np
+
+from engine import storage
+from engine.features import models
+from engine.features.models import ModelSpec
+from engine.features.windows import (Assembler, FeatureInputError, assemble, feature_name, feature_windows, read_shard,
+                                     release_frames, sample_frames)
+
+FORMAT_VERSION = 1
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureConfig:
+    model: ModelSpec
+    window: int = 32                  # frames at 30 fps (official: 32)
+    stride: int = 16                  # frames (official: 16)
+    fps: float | None = None          # image models: features per second (None: every frame)
+    views: str = "all"                # "ego" or "all"
+    splits: tuple[str, ...] | None = None   # None: every split in the shards
+    batch_size: int = 16
+    precision: str = "auto"           # auto: bf16 autocast on GPU, fp32 on CPU
+    gpus_per_actor: float = 1.0       # below 1 packs several actors on one GPU
+    actors: int | None = None         # None: one per GPU share, or one on a CPU-only cluster
+    cpus_per_actor: float = 1.0       # CPU-only clusters: torch threads per actor
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.views not in ("ego", "all"):
+            raise ValueError(f"views must be 'ego' or 'all', got {self.views!r}")
+        if self.window < 1 or self.stride < 1 or self.batch_size < 1:
+            raise ValueError("window, stride and batch size must be positive")
+        if not 0 < self.gpus_per_actor <= 8:
+            raise ValueError(f"gpus per actor must be in (0, 8], got {self.gpus_per_actor}")
+
+    def fingerprint(self, weights_sha256: str) -> str:
+        """What fixes the numbers in the output: model, weights, windows, precision (not batch size
+        or actor counts)."""
+        blob = json.dumps({"model": self.model.to_json(), "weights": weights_sha256, "window": self.window,
+                           "stride": self.stride, "fps": self.fps, "precision": self.precision,
+                           "format": FORMAT_VERSION}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- CPU stage
+
+def shard_windows(item: dict, model: dict, window: int, stride: int, fps: float | None, views: str,
+                  storage_options: dict | None = None) -> Iterator[dict]:
+    """Rows of one shard: one per feature window (frames and where it sits), plus one row with
+    ``error`` set for each take view (or the whole shard) that fails. Plain Python."""
+    spec = ModelSpec(**model)
+    skip = set(item["skip"])
+    blank = np.zeros((spec.frames, spec.size, spec.size, 3), np.uint8)
+    base = {"split": item["split"], "shard": item["shard"]}
+
+    def error_row(state, take_uid, member, e):
+        detail = str(e) if isinstance(e, FeatureInputError) else f"{type(e).__name__}: {e}"
+        return dict(base, name=state.name, take_uid=take_uid, cam_id=state.cam_id, stream_id=state.stream_id,
+                    window=-1, num_windows=0, t0=0.0, t1=0.0, frames=blank,
+                    error=f"take {take_uid} view {member}: {detail}")
+
+    try:
+        for take_uid, samples in read_shard(item["url"], storage_options):
+            # All views of a take advance together, one sample at a time: memory holds one
+            # sample and the frames that open windows still need, however long the take.
+            views_of_take = None
+            for sample in samples:
+                meta = sample["json"]
+                if views_of_take is None:
+                    wins = feature_windows(spec, meta["take"]["num_frames"], window, stride, fps)
+                    needed = sorted({f for w in wins for f in w.picks})
+                    views_of_take = {}
+                    for member, info in sorted(meta["views"].items()):
+                        name = feature_name(take_uid, info)
+                        if (views == "all" or info["is_ego"]) and name not in skip:
+                            views_of_take[member] = _ViewState(name, *name.rsplit("_", 2)[1:], Assembler(wins, spec.size))
+                for member, state in views_of_take.items():
+                    if state.failed:
+                        continue
+                    try:
+                        for index, image in sample_frames(sample, member, needed, state.last, spec.size):
+                            state.last = index
+                            for win, clip in state.assembler.push(index, image):
+                                yield dict(base, name=state.name, take_uid=take_uid, cam_id=state.cam_id,
+                                           stream_id=state.stream_id, window=win.index, num_windows=len(wins),
+                                           t0=win.t0, t1=win.t1, frames=clip, error="")
+                    except Exception as e:   # noqa: BLE001 - one bad take view must not cost the others
+                        state.failed = True
+                        yield error_row(state, take_uid, member, e)
+            for member, state in (views_of_take or {}).items():
+                if not state.failed:
+                    try:
+                        state.assembler.finish()
+                    except FeatureInputError as e:
+                        yield error_row(state, take_uid, member, e)
+    except Exception as e:   # noqa: BLE001 - an unreadable shard: name it, keep going
+        yield dict(base, name=f"shard:{item['shard']}", take_uid="", cam_id="", stream_id="", window=-1,
+                   num_windows=0, t0=0.0, t1=0.0, frames=blank,
+                   error=f"shard {item['url']}: {type(e).__name__}: {e}")
+
+
+@dataclasses.dataclass
+class _ViewState:
+    name: str
+    cam_id: str
+    stream_id: str
+    assembler: Assembler
+    last: int = -1          # the last frame taken; overlapping samples do not give it twice
+    failed: bool = False
+
+
+# ----------------------------------------------------------------------------- model stage
+
+class Embedder:
+    """The model stage: uint8 windows in, float32 vectors out. Ray Data runs one per actor;
+    tests and benchmarks call it directly."""
+
+    def __init__(self, model: dict, precision: str = "auto", device: str | None = None, threads: int | None = None):
+        import torch
+
+        self.torch = torch
+        if threads:
+            torch.set_num_threads(threads)
+        self.spec = ModelSpec(**model)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.cuda = self.device.type == "cuda"
+        if precision == "auto":
+            precision = "bf16" if self.cuda else "fp32"
+        self.autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        self.model = models.build(self.spec).to(self.device)
+        shape = (1, 3, 1, 1, 1) if self.spec.kind == "video" else (1, 3, 1, 1)
+        self.mean = torch.tensor(self.spec.mean, device=self.device).view(shape) * 255
+        self.std = torch.tensor(self.spec.std, device=self.device).view(shape) * 255
+        self.dim = self.embed(np.zeros((1, self.spec.frames, self.spec.size, self.spec.size, 3), np.uint8)).shape[1]
+
+    def embed(self, frames: np.ndarray) -> np.ndarray:
+        """uint8 [B, T, S, S, 3] -> float32 [B, dim]. Frames cross to the GPU as uint8 (4x fewer
+        bytes than float), from pinned memory, and are normalized there."""
+        torch = self.torch
+        x = torch.from_numpy(np.ascontiguousarray(frames))
+        if self.cuda:
+            x = x.pin_memory().to(self.device, non_blocking=True)
+        x = x.permute(0, 4, 1, 2, 3).float()             # [B, 3, T, S, S]
+        if self.spec.kind == "image":
+            x = x[:, :, 0]
+        x = (x - self.mean) / self.std
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.autocast or torch.float32,
+                                                     enabled=self.autocast is not None):
+            y = self.model(x)
+        return y.float().flatten(1).cpu().numpy()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ok = batch["error"] == ""
+        vectors = np.zeros((len(ok), self.dim), np.float32)
+        if ok.any():
+            vectors[ok] = self.embed(batch["frames"][ok])
+        out = {k: v for k, v in batch.items() if k != "frames"}
+        out["vector"] = vectors
+        return out
+
+
+# ----------------------------------------------------------------------------- reference path
+
+def features_from_release(release, take, view, config: FeatureConfig, embedder: Embedder) -> np.ndarray:
+    """The same features computed the plain way: decode the release's video file in one pass,
+    run the model in batches, in this process. The job's output must equal this."""
+    wins = feature_windows(config.model, take_num_frames(release, view), config.window, config.stride, config.fps)
+    frames = release_frames(release, view, {f for w in wins for f in w.picks}, config.model.size)
+    clips, out = [], []
+    for _, clip in assemble(wins, frames, config.model.size):
+        clips.append(clip)
+        if len(clips) == config.batch_size:
+            out.append(embedder.embed(np.stack(clips)))
+            clips = []
+    if clips:
+        out.append(embedder.embed(np.stack(clips)))
+    return np.concatenate(out)
+
+
+def take_num_frames(release, view) -> int:
+    from engine import video
+    with release.open_file(view.path) as f:
+        return video.probe(f, check_tail=False).frames
+
+
+# ----------------------------------------------------------------------------- driver
+
+def _shard_items(fs, shards: str, shards_url: str, stage: dict, splits, views: str, done: set[str]) -> tuple[list[dict], int]:
+    """One work item per shard that still has take views to do; and how many shards are done."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(fs.open(storage.join(shards, "manifest.parquet"), "rb"),
+                          columns=["take_uid", "shard", "views"]).to_pylist()
+    per_shard: dict[str, dict[str, int]] = {}
+    for row in table:
+        wanted = len(row["views"]) if views == "all" else int("ego" in row["views"])
+        per_shard.setdefault(row["shard"], {})[row["take_uid"]] = wanted
+    done_by_take: dict[str, list[str]] = {}
+    for name in done:   # <take_uid>_<cam_id>_<stream_id>
+        done_by_take.setdefault(name.rsplit("_", 2)[0], []).append(name)
+    items, finished = [], 0
+    for split, names in sorted(stage["shards"].items()):
+        if splits and split not in splits:
+            continue
+        for shard in names:
+            takes = per_shard.get(shard, {})
+            if takes and all(len(done_by_take.get(uid, [])) >= k for uid, k in takes.items()):
+                finished += 1
+                continue
+            skip = sorted(n for uid in takes for n in done_by_take.get(uid, []))
+            items.append({"url": storage.join(shards_url, split, f"{shard}.tar"), "split": split, "shard": shard,
+                          "skip": skip})
+    return items, finished
+
+
+def _done(fs, out: str) -> set[str]:
+    return {p.rsplit("/", 1)[-1][:-3] for p in fs.glob(storage.join(out, "*.pt"))}
+
+
+def _write_take_view(fs, out: str, name: str, rows: list[dict]) -> None:
+    """Parquet first, then the .pt: the .pt is what says this take view is finished."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+
+    rows = sorted(rows, key=lambda r: r["window"])
+    vectors = np.stack([r["vector"] for r in rows]).astype(np.float32)
+    table = pa.table({
+        "take_uid": [r["take_uid"] for r in rows], "cam_id": [r["cam_id"] for r in rows],
+        "stream_id": [r["stream_id"] for r in rows], "window": [r["window"] for r in rows],
+        "t0": [r["t0"] for r in rows], "t1": [r["t1"] for r in rows],
+        "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), vectors.shape[1])})
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    storage.write_bytes_atomic(fs, storage.join(out, "parquet", f"{name}.parquet"), buf.getvalue())
+    buf = io.BytesIO()
+    torch.save(torch.from_numpy(vectors), buf)
+    storage.write_bytes_atomic(fs, storage.join(out, f"{name}.pt"), buf.getvalue())
+
+
+def run(shards_url: str, out_url: str, config: FeatureConfig, storage_options: dict | None = None,
+        address: str | None = None, progress: bool = True) -> dict:
+    """Compute features for every take view in the shards; return the stage manifest."""
+    import ray
+
+    log = print if progress else (lambda *a, **k: None)
+    started = time.time()
+    fs, shards = storage.filesystem(shards_url, storage_options)
+    stage_path = storage.join(shards, "stage.json")
+    if not fs.exists(stage_path):
+        raise ValueError(f"{shards_url} holds no finished shard stage (no stage.json); run `ee4d shard` first")
+    shard_stage = storage.read_json(fs, stage_path)
+    weights_sha256 = models.weights_digest(config.model)
+    out_fs, out = storage.filesystem(out_url, storage_options)
+    out_fs.makedirs(out, exist_ok=True)
+    storage.claim(out_fs, out, {"source": shards_url, "shards_fingerprint": shard_stage["fingerprint"],
+                                "fingerprint": config.fingerprint(weights_sha256), "model": config.model.to_json(),
+                                "weights_sha256": weights_sha256, "window": config.window,
+                                "stride": config.stride, "fps": config.fps, "format": FORMAT_VERSION})
+    if storage.is_local(out_fs):   # temporaries of a killed run: never counted as done, now deleted
+        for stale in out_fs.glob(storage.join(out, "*.tmp-*")) + out_fs.glob(storage.join(out, "parquet", "*.tmp-*")):
+            out_fs.rm(stale)
+    done = _done(out_fs, out)
+    items, finished = _shard_items(fs, shards, shards_url, shard_stage, config.splits, config.views, done)
+    log(f"features: {finished + len(items)} shards, {finished} already done, {len(items)} to read; "
+        f"{len(done)} take views already written")
+    rejects, written, windows, dim = [], 0, 0, None
+    if items:
+        if not ray.is_initialized():
+            ray.init(address=address, log_to_driver=False, configure_logging=False)
+        import ray.data
+        ray.data.DataContext.get_current().enable_progress_bars = progress
+        gpus = ray.cluster_resources().get("GPU", 0)
+        if gpus:
+            actors = config.actors or max(1, int(gpus / config.gpus_per_actor))
+            resources = {"num_gpus": config.gpus_per_actor, "num_cpus": 1}
+            threads = None
+        else:
+            actors = config.actors or 1
+            resources = {"num_cpus": config.cpus_per_actor}
+            threads = max(1, int(config.cpus_per_actor))
+        log(f"  model stage: {actors} {'GPU' if gpus else 'CPU'} actor(s), {resources}")
+        ds = ray.data.from_items(items, override_num_blocks=len(items))
+        ds = ds.flat_map(shard_windows, num_cpus=1, fn_kwargs={
+            "model": config.model.to_json(), "window": config.window, "stride": config.stride,
+            "fps": config.fps, "views": config.views, "storage_options": storage_options})
+        ds = ds.map_batches(Embedder, batch_size=config.batch_size, batch_format="numpy",
+                            compute=ray.data.ActorPoolStrategy(size=actors),
+                            fn_constructor_kwargs={"model": config.model.to_json(), "precision": config.precision,
+                                                   "threads": threads}, **resources)
+        pending: dict[str, list[dict]] = {}
+        failed: set[str] = set()
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            for j in range(len(batch["name"])):
+                row = {k: v[j] for k, v in batch.items()}
+                name = str(row["name"])
+                if name in failed:
+                    continue
+                if row["error"]:
+                    failed.add(name)
+                    pending.pop(name, None)
+                    rejects.append({"name": name, "take_uid": str(row["take_uid"]) or None,
+                                    "split": str(row["split"]), "shard": str(row["shard"]),
+                                    "reason": str(row["error"])})
+                    log(f"  rejected {name}: {row['error']}")
+                    continue
+                rows = pending.setdefault(name, [])
+                rows.append({k: (str(v) if isinstance(v, np.str_) else v) for k, v in row.items()})
+                if len(rows) == int(row["num_windows"]):
+                    _write_take_view(out_fs, out, name, pending.pop(name))
+                    written, windows, dim = written + 1, windows + len(rows), len(row["vector"])
+        for name, rows in pending.items():   # cannot happen unless a stage dropped rows; never hide it
+            rejects.append({"name": name, "take_uid": str(rows[0]["take_uid"]), "split": str(rows[0]["split"]),
+                            "shard": str(rows[0]["shard"]),
+                            "reason": f"only {len(rows)} of {rows[0]['num_windows']} windows arrived"})
+    all_done = _done(out_fs, out)
+    storage.write_json_atomic(out_fs, storage.join(out, "rejects.json"), rejects)
+    manifest = {
+        "stage": "features", "format": FORMAT_VERSION, "source": shards_url, "model": config.model.to_json(),
+        "weights_sha256": weights_sha256, "window": config.window, "stride": config.stride, "fps": config.fps,
+        "fps_source": 30.0, "views": config.views, "precision": config.precision,
+        "dim": dim if dim is not None else _dim_of_existing(out_fs, out, all_done),
+        "take_views": len(all_done), "written_this_run": written, "windows_this_run": windows,
+        "rejects": len(rejects), "wall_seconds": round(time.time() - started, 3),
+    }
+    storage.write_json_atomic(out_fs, storage.join(out, "stage.json"), manifest)
+    return manifest
+
+
+def _dim_of_existing(fs, out: str, names: set[str]) -> int | None:
+    if not names:
+        return None
+    import torch
+    with fs.open(storage.join(out, f"{min(names)}.pt"), "rb") as f:
+        return int(torch.load(f, weights_only=True).shape[1])
+
+
+def load(out_url: str, name: str, storage_options: dict | None = None) -> Any:
+    """One take view's features as a torch tensor [num_windows, dim]."""
+    import torch
+    fs, out = storage.filesystem(out_url, storage_options)
+    with fs.open(storage.join(out, f"{name}.pt"), "rb") as f:
+        return torch.load(f, weights_only=True)

@@ -1,0 +1,168 @@
+"""Feature windows on a take's timeline, and the frames each needs, from shards or from the release.
+
+Official convention (video models): 32-frame windows at 30 fps with stride 16; when the stride
+does not end exactly at the take's end, one more window ``[n - 32, n)``. Image models: one
+feature per frame at a chosen rate. Windows are computed from the take's frame count alone, so
+a window that spans two shard samples is the same window, with the same frames, as on the
+continuous video.
+"""
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import itertools
+import json
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from engine import video
+from engine.features.models import ModelSpec
+from engine.release import records as rec
+from engine.shards.dataset import view_frames
+
+FPS = 30.0
+
+
+class FeatureInputError(Exception):
+    """The frames of a take view cannot be produced; the message says why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Window:
+    index: int
+    start: int                  # [start, end) source frames on the take's timeline
+    end: int
+    picks: tuple[int, ...]      # the source frames the model sees, ascending
+
+    @property
+    def t0(self) -> float:
+        return self.start / FPS
+
+    @property
+    def t1(self) -> float:
+        return self.end / FPS
+
+
+def video_windows(num_frames: int, window: int = 32, stride: int = 16) -> list[tuple[int, int]]:
+    """[start, end) frame ranges of the official rule; a take shorter than a window gives one."""
+    if num_frames <= window:
+        return [(0, num_frames)]
+    spans = [(s, s + window) for s in range(0, num_frames - window + 1, stride)]
+    if spans[-1][1] < num_frames:
+        spans.append((num_frames - window, num_frames))
+    return spans
+
+
+def feature_windows(spec: ModelSpec, num_frames: int, window: int = 32, stride: int = 16,
+                    fps: float | None = None) -> list[Window]:
+    """The windows of a take for a model: video models see ``spec.frames`` frames spread evenly
+    over each window; image models one frame every ``1/fps`` s (every frame when fps is None)."""
+    if spec.kind == "image":
+        step = FPS / (fps or FPS)
+        frames = sorted({int(np.floor(k * step + 1e-6)) for k in range(int(np.ceil(num_frames / step - 1e-9)))})
+        return [Window(i, f, f + 1, (f,)) for i, f in enumerate(f for f in frames if f < num_frames)]
+    out = []
+    for i, (start, end) in enumerate(video_windows(num_frames, window, stride)):
+        length = end - start
+        out.append(Window(i, start, end, tuple(start + (k * length) // spec.frames for k in range(spec.frames))))
+    return out
+
+
+def input_size(width: int, height: int, size: int) -> tuple[int, int]:
+    """(W, H) with the short side at ``size``, aspect kept; even, as the scaler likes."""
+    scale = size / min(width, height)
+    return max(size, 2 * round(width * scale / 2)), max(size, 2 * round(height * scale / 2))
+
+
+def centre_crop(frame: np.ndarray, size: int) -> np.ndarray:
+    h, w = frame.shape[:2]
+    top, left = (h - size) // 2, (w - size) // 2
+    return frame[top:top + size, left:left + size]
+
+
+class Assembler:
+    """Pairs windows with their frames (uint8 [T, size, size, 3]) as frames arrive in ascending
+    order, holding only the frames that pending windows still need."""
+
+    def __init__(self, windows: list[Window], size: int):
+        self.pending = list(reversed(windows))
+        self.size, self.num_frames = size, windows[-1].end
+        self.cache: dict[int, np.ndarray] = {}
+
+    def push(self, index: int, image: np.ndarray) -> list[tuple[Window, np.ndarray]]:
+        self.cache[index] = centre_crop(image, self.size)
+        ready = []
+        while self.pending and self.pending[-1].picks[-1] <= index:
+            win = self.pending.pop()
+            missing = [f for f in win.picks if f not in self.cache]
+            if missing:
+                raise FeatureInputError(f"frames {missing[:4]} of window {win.index} "
+                                        f"[{win.t0:.3f}, {win.t1:.3f}) are not in the input")
+            ready.append((win, np.stack([self.cache[f] for f in win.picks])))
+            first_needed = self.pending[-1].picks[0] if self.pending else index + 1
+            for f in [f for f in self.cache if f < first_needed]:
+                del self.cache[f]
+        return ready
+
+    def finish(self) -> None:
+        if self.pending:
+            win = self.pending[-1]
+            raise FeatureInputError(f"the input ends before window {win.index} "
+                                    f"[{win.t0:.3f}, {win.t1:.3f}) (take has {self.num_frames} frames)")
+
+
+def assemble(windows: list[Window], frames: Iterable[tuple[int, np.ndarray]],
+             size: int) -> Iterator[tuple[Window, np.ndarray]]:
+    """``Assembler`` over a whole stream of (source frame, image)."""
+    assembler = Assembler(windows, size)
+    for index, image in frames:
+        yield from assembler.push(index, image)
+    assembler.finish()
+
+
+# ----------------------------------------------------------------------------- frame sources
+
+def release_frames(release, view: rec.View, needed: set[int], size: int) -> Iterator[tuple[int, np.ndarray]]:
+    """Frames straight from a release video file, one decoding pass (the reference path)."""
+    with release.open_file(view.path) as f:
+        info = video.probe(f, check_tail=False)
+    scaled = input_size(info.width, info.height, size)
+    with release.open_file(view.path) as f:
+        yield from video.decode(f, scaled, needed)
+
+
+def sample_frames(sample: dict, name: str, needed: list[int], after: int, size: int) -> list[tuple[int, np.ndarray]]:
+    """Frames of view ``name`` that one shard sample holds: the ``needed`` ones (sorted) in its
+    window and past ``after`` (frames an earlier, overlapping sample already gave)."""
+    meta = sample["json"]
+    window, info = meta["window"], meta["views"][name]
+    lo = bisect.bisect_left(needed, max(after + 1, window["start_frame"]))
+    wanted = needed[lo:bisect.bisect_left(needed, window["end_frame"])]
+    if not wanted:
+        return []
+    try:
+        images, _ = view_frames(sample, name, wanted, input_size(info["width"], info["height"], size))
+    except Exception as e:   # noqa: BLE001 - say which sample, whatever the decoder raised
+        raise FeatureInputError(f"sample {meta['key']}: {type(e).__name__}: {e}") from None
+    return list(zip(wanted, images))
+
+
+def feature_name(take_uid: str, view: dict | rec.View) -> str:
+    """``<take_uid>_<cam_id>_<stream_id>``, the official file stem."""
+    if isinstance(view, dict):
+        view = rec.View(view["cam_id"], view["stream_id"], view["is_ego"], view.get("source", ""))
+    return f"{take_uid}_{view.feature_name}"
+
+
+def read_shard(url: str, storage_options: dict | None = None) -> Iterator[tuple[str, Iterator[dict]]]:
+    """(take_uid, its samples as they stream by) for each take of a shard, grouped by webdataset's
+    own tar reader. The shard job writes a take's samples adjacent and in window order."""
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    from engine import storage
+    fs, path = storage.filesystem(url, storage_options)
+    with fs.open(path, "rb") as stream:
+        samples = ({**s, "json": json.loads(s["json"])}
+                   for s in group_by_keys(tar_file_expander([{"url": url, "stream": stream}])))
+        yield from itertools.groupby(samples, key=lambda s: s["json"]["take"]["take_uid"])

@@ -1,0 +1,244 @@
+"""The feature job: official windows, equality with features computed straight from the release,
+official file names, resume after a kill, rejects, S3, and a two-node cluster."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import ray
+import torch
+
+from engine import cli
+from engine.features import job, models
+from engine.features.windows import feature_name, feature_windows, video_windows
+from engine.release import Release
+from engine.shards import job as shard_job
+from engine.shards.plan import ShardConfig
+
+TINY_VIDEO = models.resolve("tiny_video")
+
+
+def test_windows_follow_the_official_rule():
+    assert video_windows(60) == [(0, 32), (16, 48), (28, 60)]        # last window [n - 32, n)
+    assert video_windows(64) == [(0, 32), (16, 48), (32, 64)]        # the stride ends at n: no extra window
+    assert video_windows(32) == [(0, 32)]
+    assert video_windows(20) == [(0, 20)]                            # shorter than a window: one window
+    wins = feature_windows(TINY_VIDEO, 60)
+    assert wins[0].picks == (0, 4, 8, 12, 16, 20, 24, 28)
+    assert wins[2].picks == (28, 32, 36, 40, 44, 48, 52, 56) and (wins[2].t0, wins[2].t1) == (28 / 30, 2.0)
+    image = models.resolve("tiny_image")
+    assert [w.picks for w in feature_windows(image, 90, fps=1)] == [(0,), (30,), (60,)]
+    assert len(feature_windows(image, 60)) == 60
+
+
+@pytest.fixture(scope="module")
+def shards(tiny_release, tmp_path_factory, local_ray) -> Path:
+    """1 s shard windows, so the 32-frame feature window [0, 32) spans two samples."""
+    out = tmp_path_factory.mktemp("feature-shards") / "shards"
+    shard_job.run(str(tiny_release), str(out), ShardConfig(window=1.0, shard_bytes=400_000), progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def features(shards, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("features") / "tiny_video"
+    job.run(str(shards), str(out), job.FeatureConfig(model=TINY_VIDEO, batch_size=4), progress=False)
+    return out
+
+
+def _reference(release_root: Path, config: job.FeatureConfig, views="all") -> dict[str, np.ndarray]:
+    """Features of every take view the plain way: the release's 448 video, decoded in one pass."""
+    release = Release.open(str(release_root))
+    embedder = job.Embedder(config.model.to_json())
+    return {feature_name(take.take_uid, view): job.features_from_release(release, take, view, config, embedder)
+            for take in release.takes() for view in take.views("448") if views == "all" or view.is_ego}
+
+
+def _load_all(out: Path) -> dict[str, torch.Tensor]:
+    return {p.stem: torch.load(p, weights_only=True) for p in out.glob("*.pt")}
+
+
+def test_features_from_shards_equal_features_from_the_release(tiny_release, features):
+    expected = _reference(tiny_release, job.FeatureConfig(model=TINY_VIDEO))
+    got = _load_all(features)
+    assert sorted(got) == sorted(expected) and len(got) == 3 * 5
+    for name, tensor in got.items():
+        assert re.fullmatch(r"[0-9a-f-]{36}_(aria01_rgb|cam0[1-4]_0)", name), name
+        assert tensor.dtype == torch.float32 and tuple(tensor.shape) == (3, 128)   # 60 frames: 3 windows
+        np.testing.assert_allclose(tensor.numpy(), expected[name], rtol=0, atol=1e-5)
+
+    table = pq.read_table(str(features / "parquet"))
+    assert table.num_rows == 15 * 3
+    for row in table.to_pylist():
+        name = f"{row['take_uid']}_{row['cam_id']}_{row['stream_id']}"
+        np.testing.assert_allclose(row["vector"], got[name][row["window"]].numpy(), rtol=0, atol=0)
+        assert (row["t0"], row["t1"]) == [(0.0, 32 / 30), (16 / 30, 48 / 30), (28 / 30, 2.0)][row["window"]]
+
+    stage = json.loads((features / "stage.json").read_text())
+    assert stage["model"]["name"] == "tiny_video" and stage["weights_sha256"] == "random-init-seed-0"
+    assert (stage["window"], stage["stride"], stage["dim"], stage["take_views"], stage["rejects"]) == (32, 16, 128, 15, 0)
+
+
+def test_image_model_gives_one_feature_per_frame_at_the_chosen_rate(tiny_release, shards, tmp_path):
+    config = job.FeatureConfig(model=models.resolve("tiny_image"), fps=5, views="ego")
+    job.run(str(shards), str(tmp_path / "img"), config, progress=False)
+    got = _load_all(tmp_path / "img")
+    expected = _reference(tiny_release, config, views="ego")
+    assert sorted(got) == sorted(expected) and len(got) == 3
+    for name, tensor in got.items():
+        assert tuple(tensor.shape) == (10, 128)    # 2 s at 5 per second
+        np.testing.assert_allclose(tensor.numpy(), expected[name], rtol=0, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- models
+
+def test_model_registry_builds_files_and_factories_without_a_network(tmp_path, monkeypatch):
+    reference = job.Embedder(TINY_VIDEO.to_json())
+    clip = np.random.default_rng(0).integers(0, 255, (2, 8, 64, 64, 3), dtype=np.uint8)
+    expected = reference.embed(clip)
+
+    scripted = tmp_path / "tiny.ts"
+    torch.jit.script(models.build(TINY_VIDEO)).save(str(scripted))
+    exported = tmp_path / "tiny.pt2"
+    program = torch.export.export(models.build(TINY_VIDEO), (torch.zeros(2, 3, 8, 64, 64),),
+                                  dynamic_shapes=({0: torch.export.Dim("batch")},))
+    torch.export.save(program, str(exported))
+    weights = tmp_path / "weights.pt"
+    torch.save(models.build(TINY_VIDEO).state_dict(), weights)
+    (tmp_path / "my_encoders.py").write_text(
+        "from engine.features.models import _tiny\n\ndef video_encoder():\n    return _tiny('video')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    for name, w in ((f"torchscript:{scripted}", None), (f"export:{exported}", None),
+                    ("my_encoders:video_encoder", str(weights))):
+        spec = models.resolve(name, w, frames=8, size=64)
+        np.testing.assert_allclose(job.Embedder(spec.to_json()).embed(clip), expected, rtol=0, atol=1e-5)
+    assert models.weights_digest(models.resolve(f"torchscript:{scripted}", frames=8, size=64)) != \
+        models.weights_digest(models.resolve("my_encoders:video_encoder", str(weights)))
+
+    with pytest.raises(models.ModelError, match="weights file not found: .*missing.pt"):
+        models.resolve("tiny_video", str(tmp_path / "missing.pt"))
+    with pytest.raises(models.ModelError, match="unknown model"):
+        models.resolve("omnivore")
+    with pytest.raises(models.ModelError, match="has no callable"):
+        models.resolve("my_encoders:nothing_here")
+    with pytest.raises(models.ModelError, match="give --weights|not installed"):
+        models.resolve("timm:vit_base_patch16_224")
+
+
+def test_cli_refuses_a_missing_weights_file_before_any_work(shards, tmp_path, capsys):
+    out = tmp_path / "never"
+    assert cli.main(["features", str(shards), str(out), "--model", "tiny_video", "--weights", "nope.pt"]) == 2
+    assert "weights file not found: nope.pt" in capsys.readouterr().err
+    assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- failures and resume
+
+def _break_one_view(shards: Path, out: Path) -> str:
+    """A copy of the shards where one take's ego media in its second sample is garbage."""
+    shutil.copytree(shards, out)
+    tar_path = sorted(out.glob("train/*.tar"))[0]
+    members = []
+    with tarfile.open(tar_path) as tar:
+        for info in tar.getmembers():
+            members.append((info, tar.extractfile(info).read()))
+    keys = sorted({info.name.split(".", 1)[0] for info, _ in members})
+    victim = keys[1]
+    with tarfile.open(tar_path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for info, data in members:
+            if info.name == f"{victim}.ego.mp4":
+                data = b"\0" * 64 + data[-64:]
+                info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return victim.rsplit("_", 1)[0]
+
+
+def test_undecodable_media_rejects_that_take_view_and_the_rest_finish(shards, features, tmp_path):
+    broken = tmp_path / "shards"
+    take_uid = _break_one_view(shards, broken)
+    out = tmp_path / "out"
+    stage = job.run(str(broken), str(out), job.FeatureConfig(model=TINY_VIDEO, batch_size=4), progress=False)
+    rejects = json.loads((out / "rejects.json").read_text())
+    assert [r["name"] for r in rejects] == [f"{take_uid}_aria01_rgb"]
+    assert take_uid in rejects[0]["reason"] and "ego" in rejects[0]["reason"]
+    assert stage["take_views"] == 14 and stage["rejects"] == 1
+    assert not (out / f"{take_uid}_aria01_rgb.pt").exists()
+    clean = _load_all(features)
+    for name, tensor in _load_all(out).items():   # batches differ from the clean run's: float tolerance
+        np.testing.assert_allclose(tensor.numpy(), clean[name].numpy(), rtol=0, atol=1e-5)
+
+
+def test_rerun_after_a_killed_driver_skips_finished_outputs(shards, features, tmp_path):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "engine", "features", str(shards), str(out), "--model", "tiny_video",
+           "--batch-size", "1"]
+    driver = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 180
+    while not list(out.glob("*.pt")) and time.time() < deadline and driver.poll() is None:
+        time.sleep(0.02)
+    os.killpg(driver.pid, signal.SIGKILL)   # the driver and the Ray processes it started
+    driver.wait()
+    finished = {p.stem: p.stat().st_mtime_ns for p in out.glob("*.pt")}
+    assert 0 < len(finished) < 15 and not (out / "stage.json").exists()
+
+    stage = job.run(str(shards), str(out), job.FeatureConfig(model=TINY_VIDEO, batch_size=4), progress=False)
+    assert stage["written_this_run"] == 15 - len(finished) and stage["take_views"] == 15
+    assert {p.stem: p.stat().st_mtime_ns for p in out.glob("*.pt") if p.stem in finished} == finished
+    clean = _load_all(features)
+    got = _load_all(out)
+    assert sorted(got) == sorted(clean)
+    for name in got:
+        np.testing.assert_allclose(got[name].numpy(), clean[name].numpy(), rtol=0, atol=1e-5)
+    assert pq.read_table(str(out / "parquet")).num_rows == 15 * 3
+    assert not [p for p in out.rglob("*") if ".tmp-" in p.name]
+
+
+# ----------------------------------------------------------------------------- S3 and two nodes
+
+def test_s3_shards_in_s3_features_out(shards, features, s3_endpoint, local_ray):
+    import s3fs
+
+    options = {"key": "testing", "secret": "testing", "endpoint_url": s3_endpoint}
+    fs = s3fs.S3FileSystem(**options)
+    fs.mkdir("feat")
+    fs.put(str(shards), "feat/shards", recursive=True)
+    job.run("s3://feat/shards", "s3://feat/tiny_video", job.FeatureConfig(model=TINY_VIDEO), storage_options=options,
+            progress=False)
+    for name, tensor in _load_all(features).items():
+        remote = torch.load(io.BytesIO(fs.cat_file(f"feat/tiny_video/{name}.pt")), weights_only=True)
+        np.testing.assert_allclose(remote.numpy(), tensor.numpy(), rtol=0, atol=1e-5)
+    assert json.loads(fs.cat_file("feat/tiny_video/stage.json"))["take_views"] == 15
+
+
+def test_two_node_cluster(shards, features, tmp_path):
+    from ray.cluster_utils import Cluster
+
+    ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    cluster.add_node(num_cpus=1)
+    try:
+        ray.init(address=cluster.address, log_to_driver=False)
+        assert len([n for n in ray.nodes() if n["Alive"]]) == 2
+        # One CPU per node: the model actor holds one node's CPU, so decoding runs on the other.
+        job.run(str(shards), str(tmp_path / "out"), job.FeatureConfig(model=TINY_VIDEO), progress=False)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    clean = _load_all(features)
+    got = _load_all(tmp_path / "out")
+    assert sorted(got) == sorted(clean)
+    for name in got:
+        np.testing.assert_allclose(got[name].numpy(), clean[name].numpy(), rtol=0, atol=1e-5)

@@ -182,6 +182,8 @@ def test_undecodable_media_rejects_that_take_view_and_the_rest_finish(shards, fe
 
 
 def test_rerun_after_a_killed_driver_skips_finished_outputs(shards, features, tmp_path):
+    # One take per shard: take views finish shard by shard, so a kill at the first .pt lands mid-job.
+    assert len(json.loads((shards / "stage.json").read_text())["shards"]["train"]) == 3
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "engine", "features", str(shards), str(out), "--model", "tiny_video",
            "--batch-size", "1"]

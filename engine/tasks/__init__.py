@@ -1,0 +1,1 @@
+"""Benchmarks: examples, heads, losses, official metrics and submission files."""

@@ -78,6 +78,41 @@ def _features(args) -> int:
     return 0
 
 
+def _train(args) -> int:
+    from engine.tasks import TASKS
+    from engine.train.loop import TrainConfig, run
+
+    try:
+        task = TASKS[args.task](train_views=args.train_views) if args.task == "keystep_recognition" else TASKS[args.task]()
+        config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, patience=args.patience,
+                             seed=args.seed, workers=args.workers, hidden=args.hidden)
+        result = run(task, args.features, args.out, config, release_url=args.release, address=args.address)
+    except ValueError as e:
+        print(f"ee4d train: {e}", file=sys.stderr)
+        return 2
+    print(f"result: {args.out}/result.json (val {result['metric']} {result['val'][result['metric']]:.4f})")
+    return 0
+
+
+def _evaluate(args) -> int:
+    import json
+
+    from engine import storage
+    from engine.release import Release
+    from engine.tasks import TASKS
+
+    task = TASKS[args.task]()
+    fs, path = storage.filesystem(args.predictions)
+    try:
+        submission = storage.read_json(fs, path)
+    except (OSError, json.JSONDecodeError) as e:
+        print(f"ee4d evaluate: cannot read {args.predictions}: {e}", file=sys.stderr)
+        return 2
+    truth = task.truth(Release.open(args.release), args.split)
+    print(json.dumps(task.evaluate(submission, truth), indent=1))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ee4d", description="Ego-Exo4D data engine on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -142,6 +177,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpus-per-actor", type=float, default=1.0, help="without GPUs: CPUs (torch threads) per actor")
     p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
     p.set_defaults(func=_features)
+
+    tasks = ["keystep_recognition", "demonstrator_proficiency", "demonstration_proficiency"]
+    p = sub.add_parser("train", help="train and evaluate a benchmark on features (Ray Train)")
+    p.add_argument("task", choices=tasks)
+    p.add_argument("--features", required=True, help="a finished feature stage (ee4d features)")
+    p.add_argument("--out", required=True, help="run directory; rerunning with the same one resumes")
+    p.add_argument("--release", help="release root for the labels (default: the one the features came from)")
+    p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--batch-size", type=int, default=64, help="global batch, split across workers")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--patience", type=int, default=8, help="epochs without a better val metric before stopping")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=1, help="Ray Train workers (GPUs when the cluster has them)")
+    p.add_argument("--train-views", default="ego", choices=["ego", "ego+exo"],
+                   help="keystep recognition: views used for training (evaluation is ego only)")
+    p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("evaluate", help="score a submission file in the official format")
+    p.add_argument("task", choices=tasks)
+    p.add_argument("--predictions", required=True, help="submission JSON (a path or an fsspec URL)")
+    p.add_argument("--release", required=True, help="release root holding the split's annotations")
+    p.add_argument("--split", default="val", choices=["train", "val", "test"])
+    p.set_defaults(func=_evaluate)
     return parser
 
 

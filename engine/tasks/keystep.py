@@ -1,0 +1,74 @@
+"""Keystep recognition: the keystep of a trimmed segment, from the ego view.
+
+Examples: one per keystep_benchmark segment, the mean of the segment's feature windows. Train
+may add the same segment seen from each exo view (``train_views="ego+exo"``); evaluation and
+the submission use ego only, as the benchmark requires.
+
+Submission: ``{"task": "keystep_recognition", "split", "segments": [{"take_uid",
+"start_time", "end_time", "label_id", "logits": [...]}]}``; a segment is matched by take and
+times (to the millisecond). Metric: top-1 accuracy over the split's segments; a segment
+without a prediction counts as wrong.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from engine.tasks.base import Examples, FeatureStore, Task, pool
+from engine.tasks.metrics import majority_class, top1_accuracy
+
+
+def _key(take_uid: str, start: float, end: float) -> str:
+    return f"{take_uid}|{start:.3f}|{end:.3f}"
+
+
+class KeystepRecognition(Task):
+    name = "keystep_recognition"
+    metric = "top1"
+
+    def __init__(self, train_views: str = "ego"):
+        if train_views not in ("ego", "ego+exo"):
+            raise ValueError(f"train_views must be 'ego' or 'ego+exo', got {train_views!r}")
+        self.train_views = train_views
+
+    def num_classes(self, release) -> int:
+        return max(m.label_id for m in release.label_mapping()) + 1
+
+    def examples(self, release, features: FeatureStore, split: str, train: bool) -> Examples:
+        xs, ys, meta = [], [], []
+        for seg in release.keystep_segments(split):
+            ego, exo = features.views(seg.take_uid)
+            names = ([ego] if ego else []) + (exo if train and self.train_views == "ego+exo" else [])
+            for name in names:
+                xs.append(pool(*features.load(name), seg.start_time, seg.end_time))
+                ys.append(-1 if seg.label_id is None else seg.label_id)
+                meta.append({"take_uid": seg.take_uid, "start_time": seg.start_time, "end_time": seg.end_time,
+                             "view": name})
+        return Examples(np.asarray(xs, np.float32).reshape(-1, features.dim), np.asarray(ys, np.int64), meta)
+
+    def truth(self, release, split: str) -> dict:
+        return {"segments": {_key(s.take_uid, s.start_time, s.end_time): s.label_id
+                             for s in release.keystep_segments(split) if s.label_id is not None}}
+
+    def submission(self, logits: np.ndarray, examples: Examples, split: str) -> dict:
+        segments = [{"take_uid": m["take_uid"], "start_time": m["start_time"], "end_time": m["end_time"],
+                     "label_id": int(np.argmax(row)), "logits": [round(float(v), 5) for v in row]}
+                    for m, row in zip(examples.meta, logits) if m["view"].endswith("_rgb")]
+        return {"task": self.name, "split": split, "segments": segments}
+
+    def evaluate(self, submission: dict, truth: dict) -> dict:
+        wanted = truth["segments"]
+        predicted, ignored = {}, 0
+        for seg in submission.get("segments", []):
+            key = _key(seg["take_uid"], float(seg["start_time"]), float(seg["end_time"]))
+            if key in wanted:
+                predicted[key] = int(seg["label_id"])
+            else:
+                ignored += 1
+        keys = sorted(wanted)
+        return {"top1": top1_accuracy([predicted.get(k, -1) for k in keys], [wanted[k] for k in keys]),
+                "segments": len(keys), "missing": sum(k not in predicted for k in keys), "ignored": ignored}
+
+    def baselines(self, train: Examples, truth: dict, split: str) -> dict:
+        majority = majority_class(train.y[train.y >= 0].tolist())
+        wanted = truth["segments"]
+        return {"majority": top1_accuracy([majority] * len(wanted), list(wanted.values()))}

@@ -1,0 +1,183 @@
+"""Proficiency estimation: who is demonstrating (demonstrator) and where they did well or could
+improve (demonstration).
+
+Demonstrator: four classes (Novice .. Late Expert) per take. Examples are clips of
+``CLIP_WINDOWS`` consecutive feature windows, mean-pooled, from every view; a take's prediction
+averages its clips' class probabilities: ego clips for ego, every exo view's clips for exo,
+both for ego+exo. Submission, as the official evaluation script takes it: ``{"task", "split",
+"takes": {take_uid: {"ego": N x 4 logits, "exo": N x views x 4 logits}}}``. Metrics: top-1 for
+ego, exo and ego+exo (early stopping uses ego+exo); a take without a prediction is wrong.
+
+Demonstration: temporal points of good executions and tips for improvement. Each ego feature
+window is classified as nothing, good execution or tip (the class of an event whose time falls
+in it); detections are the local maxima of a class's probability over a take's windows, at the
+window centres. Submission: ``{"task", "split", "takes": {take_uid: {"good_executions":
+[{"video_time", "score"}], "tips_for_improvement": [...]}}}``. Metric: mAP at L1 thresholds
+0.25, 0.5 and 1.0 s and their mean (``engine.tasks.metrics``).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from engine.release.catalog import PROFICIENCY_LEVELS
+from engine.tasks.base import Examples, FeatureStore, Task
+from engine.tasks.metrics import detection_map, majority_class, top1_accuracy
+
+CLIP_WINDOWS = 4           # feature windows per demonstrator clip (about 2.1 s at the official stride)
+EVENT_CLASSES = ("good_executions", "tips_for_improvement")
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return z / z.sum(axis=-1, keepdims=True)
+
+
+class DemonstratorProficiency(Task):
+    name = "demonstrator_proficiency"
+    metric = "top1_ego_exo"
+
+    def num_classes(self, release) -> int:
+        return len(PROFICIENCY_LEVELS)
+
+    def examples(self, release, features: FeatureStore, split: str, train: bool) -> Examples:
+        xs, ys, meta = [], [], []
+        for entry in release.demonstrator_proficiency(split):
+            label = PROFICIENCY_LEVELS.index(entry.proficiency_score) if entry.proficiency_score in PROFICIENCY_LEVELS else -1
+            ego, exo = features.views(entry.take_uid)
+            for name in ([ego] if ego else []) + exo:
+                vectors = features.load(name)[2]
+                for clip, start in enumerate(range(0, len(vectors), CLIP_WINDOWS)):
+                    xs.append(vectors[start:start + CLIP_WINDOWS].mean(axis=0))
+                    ys.append(label)
+                    meta.append({"take_uid": entry.take_uid, "view": name, "clip": clip, "ego": name == ego})
+        return Examples(np.asarray(xs, np.float32).reshape(-1, features.dim), np.asarray(ys, np.int64), meta)
+
+    def truth(self, release, split: str) -> dict:
+        return {"takes": {e.take_uid: PROFICIENCY_LEVELS.index(e.proficiency_score)
+                          for e in release.demonstrator_proficiency(split) if e.proficiency_score in PROFICIENCY_LEVELS}}
+
+    def submission(self, logits: np.ndarray, examples: Examples, split: str) -> dict:
+        takes: dict[str, dict] = {}
+        for m, row in zip(examples.meta, logits):
+            entry = takes.setdefault(m["take_uid"], {"ego": {}, "exo": {}})
+            row = [round(float(v), 5) for v in row]
+            if m["ego"]:
+                entry["ego"][m["clip"]] = row
+            else:
+                entry["exo"].setdefault(m["clip"], {})[m["view"]] = row
+        out = {}
+        for uid, entry in takes.items():
+            out[uid] = {"ego": [entry["ego"][c] for c in sorted(entry["ego"])],
+                        "exo": [[views[v] for v in sorted(views)] for _, views in sorted(entry["exo"].items())]}
+        return {"task": self.name, "split": split, "takes": out}
+
+    def evaluate(self, submission: dict, truth: dict) -> dict:
+        wanted = truth["takes"]
+        preds = {"ego": {}, "exo": {}, "ego_exo": {}}
+        ignored = 0
+        for uid, entry in submission.get("takes", {}).items():
+            if uid not in wanted:
+                ignored += 1
+                continue
+            ego = _softmax(np.asarray(entry.get("ego") or [], float).reshape(-1, 4)).mean(axis=0) \
+                if entry.get("ego") else None
+            exo = _softmax(np.asarray(entry.get("exo") or [], float).reshape(-1, 4)).mean(axis=0) \
+                if entry.get("exo") else None
+            if ego is not None:
+                preds["ego"][uid] = int(np.argmax(ego))
+            if exo is not None:
+                preds["exo"][uid] = int(np.argmax(exo))
+            both = [p for p in (ego, exo) if p is not None]
+            if both:
+                preds["ego_exo"][uid] = int(np.argmax(np.mean(both, axis=0)))
+        keys = sorted(wanted)
+        result = {f"top1_{k}": top1_accuracy([p.get(u, -1) for u in keys], [wanted[u] for u in keys])
+                  for k, p in preds.items()}
+        return dict(result, takes=len(keys), ignored=ignored)
+
+    def baselines(self, train: Examples, truth: dict, split: str) -> dict:
+        per_take = {m["take_uid"]: int(y) for m, y in zip(train.meta, train.y) if y >= 0}
+        majority = majority_class(per_take.values())
+        wanted = truth["takes"]
+        return {"majority": top1_accuracy([majority] * len(wanted), list(wanted.values()))}
+
+
+class DemonstrationProficiency(Task):
+    name = "demonstration_proficiency"
+    metric = "mAP"
+
+    def num_classes(self, release) -> int:
+        return 1 + len(EVENT_CLASSES)
+
+    def examples(self, release, features: FeatureStore, split: str, train: bool) -> Examples:
+        xs, ys, meta = [], [], []
+        for entry in release.demonstration_proficiency(split):
+            ego, _ = features.views(entry.take_uid)
+            if ego is None:
+                continue
+            t0, t1, vectors = features.load(ego)
+            labels = np.zeros(len(vectors), np.int64)
+            for cls, events in enumerate((entry.good_executions, entry.tips_for_improvement), start=1):
+                for event in events:
+                    labels[(t0 <= event.video_time) & (event.video_time < t1)] = cls
+            xs.append(vectors)
+            ys.append(labels)
+            meta += [{"take_uid": entry.take_uid, "window": i, "time": float((a + b) / 2)}
+                     for i, (a, b) in enumerate(zip(t0, t1))]
+        if not xs:
+            return Examples(np.zeros((0, features.dim), np.float32), np.zeros(0, np.int64), [])
+        return Examples(np.concatenate(xs), np.concatenate(ys), meta)
+
+    def truth(self, release, split: str) -> dict:
+        known = {t.take_uid: t.duration_sec for t in release.takes()}
+        takes = {}
+        for e in release.demonstration_proficiency(split):
+            duration = known.get(e.take_uid)
+            takes[e.take_uid] = {"good_executions": [x.video_time for x in e.good_executions],
+                                 "tips_for_improvement": [x.video_time for x in e.tips_for_improvement],
+                                 "duration": duration}
+        return {"takes": takes}
+
+    def submission(self, logits: np.ndarray, examples: Examples, split: str) -> dict:
+        probs = _softmax(logits)
+        by_take: dict[str, list[int]] = {}
+        for i, m in enumerate(examples.meta):
+            by_take.setdefault(m["take_uid"], []).append(i)
+        takes = {}
+        for uid, rows in by_take.items():
+            rows = sorted(rows, key=lambda i: examples.meta[i]["window"])
+            times = [examples.meta[i]["time"] for i in rows]
+            takes[uid] = {}
+            for cls, name in enumerate(EVENT_CLASSES, start=1):
+                p = probs[rows, cls]
+                peaks = [k for k in range(len(p)) if (k == 0 or p[k] >= p[k - 1]) and (k == len(p) - 1 or p[k] > p[k + 1])]
+                takes[uid][name] = [{"video_time": round(times[k], 4), "score": round(float(p[k]), 6)} for k in peaks]
+        return {"task": self.name, "split": split, "takes": takes}
+
+    def evaluate(self, submission: dict, truth: dict) -> dict:
+        wanted = truth["takes"]
+        predictions = {name: [] for name in EVENT_CLASSES}
+        ignored = 0
+        for uid, entry in submission.get("takes", {}).items():
+            if uid not in wanted:
+                ignored += 1
+                continue
+            for name in EVENT_CLASSES:
+                predictions[name] += [(uid, float(d["video_time"]), float(d["score"])) for d in entry.get(name, [])]
+        truths = {name: [(uid, t) for uid, take in wanted.items() for t in take[name]] for name in EVENT_CLASSES}
+        return dict(detection_map(predictions, truths), takes=len(wanted), ignored=ignored)
+
+    def baselines(self, train: Examples, truth: dict, split: str) -> dict:
+        """uniform: a detection of each class every second, all with the same score; random: as
+        many at random times with random scores (seed 0)."""
+        rng = np.random.default_rng(0)
+        uniform, random = {}, {}
+        for uid, take in truth["takes"].items():
+            duration = take["duration"] or max([1.0] + take["good_executions"] + take["tips_for_improvement"])
+            times = np.arange(0.5, duration, 1.0)
+            uniform[uid] = {name: [{"video_time": float(t), "score": 1.0} for t in times] for name in EVENT_CLASSES}
+            random[uid] = {name: [{"video_time": float(t), "score": float(s)}
+                                  for t, s in zip(rng.uniform(0, duration, len(times)), rng.uniform(size=len(times)))]
+                           for name in EVENT_CLASSES}
+        return {"uniform": self.evaluate({"takes": uniform}, truth)["mAP"],
+                "random": self.evaluate({"takes": random}, truth)["mAP"]}

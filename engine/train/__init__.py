@@ -1,0 +1,1 @@
+"""Training: one Ray Train loop for every benchmark."""

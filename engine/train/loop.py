@@ -1,0 +1,204 @@
+"""One training loop for every benchmark, on Ray Train's TorchTrainer.
+
+Train examples travel as a Ray Dataset and reach each worker through ``get_dataset_shard``
+(read once, then reshuffled in memory each epoch: they are pooled features); the global batch is split across workers and DDP averages gradients, so one worker and two
+train the same model up to data order. After every epoch each worker scores the validation
+split with the task's official metric (same weights on every rank, so every rank takes the same
+early-stopping decision) and reports; rank 0 attaches a checkpoint holding the model, the
+optimizer, the history and the best weights so far. Rerunning the same command with the same
+OUT resumes from the last checkpoint (Ray Train restores a run by its storage path and name).
+
+Outputs under OUT: ``ray/`` (Ray Train's run and checkpoints), ``metrics.jsonl`` (one line per
+epoch), ``model.pt`` (the best head's state_dict), ``submission_<split>.json`` for val and
+test, ``result.json`` (metrics of the best epoch, baselines, history summary).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import tempfile
+import time
+
+import numpy as np
+
+from engine import storage
+from engine.tasks.base import Examples, Task
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 40
+    batch_size: int = 64              # global: each of N workers takes batch_size / N
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    hidden: int = 256
+    dropout: float = 0.1
+    patience: int = 8                 # epochs without a better val metric before stopping
+    seed: int = 0
+    workers: int = 1
+    use_gpu: bool | None = None       # None: when the cluster has GPUs
+    max_failures: int = 2             # worker failures Ray Train recovers from, from the last checkpoint
+    checkpoint_every: int = 1         # epochs between checkpoints (the last epoch always gets one)
+
+
+def build_head(dim: int, classes: int, hidden: int, dropout: float):
+    from torch import nn
+    return nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.ReLU(), nn.Dropout(dropout),
+                         nn.Linear(hidden, classes))
+
+
+def predict(model, x: np.ndarray, batch: int = 4096) -> np.ndarray:
+    import torch
+    model.eval()
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        out = [model(torch.from_numpy(x[i:i + batch]).to(device)).float().cpu().numpy()
+               for i in range(0, len(x), batch)]
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+def train_loop(cfg: dict) -> None:
+    """The per-worker function (plain torch plus ray.train calls)."""
+    import torch
+    import ray.train
+    import ray.train.torch
+
+    task: Task = cfg["task"]
+    config: TrainConfig = cfg["config"]
+    val: Examples = cfg["val"]
+    torch.manual_seed(config.seed)
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    head = build_head(cfg["dim"], cfg["classes"], config.hidden, config.dropout)
+    model = ray.train.torch.prepare_model(head)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    state = {"epoch": 0, "history": [], "best": None, "best_state": None, "bad_epochs": 0, "resumed_from": []}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            saved = torch.load(os.path.join(d, "state.pt"), weights_only=False)
+        head.load_state_dict(saved.pop("model"))
+        optimizer.load_state_dict(saved.pop("optimizer"))
+        state = saved
+        state["resumed_from"].append(state["epoch"])
+    device = ray.train.torch.get_device()
+    shard = ray.train.get_dataset_shard("train")
+    loss_fn = torch.nn.CrossEntropyLoss()
+    x = y = None
+    batch_size = max(1, config.batch_size // world)
+    for epoch in range(state["epoch"], config.epochs):
+        if x is None:
+            # Examples are pooled features (MBs, not frames): each worker reads its shard once
+            # and reshuffles it in memory every epoch, instead of paying a dataset pass per epoch.
+            parts = list(shard.iter_torch_batches(batch_size=8192, dtypes={"x": torch.float32, "y": torch.int64}))
+            x = torch.cat([p["x"] for p in parts]).to(device)
+            y = torch.cat([p["y"] for p in parts]).to(device)
+        model.train()
+        started, seen, losses = time.perf_counter(), 0, []
+        order = torch.randperm(len(y), generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch * 101 + rank))
+        for i in range(0, len(y), batch_size):
+            idx = order[i:i + batch_size].to(device)
+            loss = loss_fn(model(x[idx]), y[idx])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss))
+            seen += len(idx)
+        seconds = time.perf_counter() - started
+        metrics = task.evaluate(task.submission(predict(head, val.x), val, "val"), cfg["truth"])
+        value = metrics[task.metric]
+        if state["best"] is None or value > state["best"]:
+            state.update(best=value, best_epoch=epoch, best_state=copy.deepcopy(head.state_dict()), bad_epochs=0)
+        else:
+            state["bad_epochs"] += 1
+        state["epoch"] = epoch + 1
+        row = {"epoch": epoch, "loss": float(np.mean(losses)) if losses else None, "samples": seen * world,
+               "samples_per_s": seen * world / seconds if seconds else None, **metrics}
+        state["history"].append(row)
+        stop = state["bad_epochs"] >= config.patience or state["epoch"] >= config.epochs
+        save = rank == 0 and (stop or state["epoch"] % config.checkpoint_every == 0)
+        with tempfile.TemporaryDirectory() as d:
+            if save:
+                torch.save(dict(state, model=head.state_dict(), optimizer=optimizer.state_dict()),
+                           os.path.join(d, "state.pt"))
+            ray.train.report({"epoch": epoch, task.metric: value},
+                             checkpoint=ray.train.Checkpoint.from_directory(d) if save else None)
+        if stop:
+            break
+
+
+def fit(task: Task, train: Examples, val: Examples, truth: dict, classes: int, out: str,
+        config: TrainConfig, address: str | None = None) -> dict:
+    """Train on Ray Train; return the final state (history, best weights, resume marks)."""
+    import ray
+    import ray.data
+    import torch
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    if not len(train) or not len(val):
+        raise ValueError(f"{task.name}: {len(train)} train and {len(val)} val examples; both are needed")
+    if not ray.is_initialized():
+        ray.init(address=address, log_to_driver=False, configure_logging=False)
+    use_gpu = config.use_gpu if config.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    dataset = ray.data.from_items([{"x": x, "y": int(y)} for x, y in zip(train.x, train.y)])
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"task": task, "config": config, "val": val, "truth": truth, "dim": train.x.shape[1],
+                           "classes": classes},
+        scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=use_gpu),
+        run_config=RunConfig(name="run", storage_path=os.path.abspath(os.path.join(out, "ray")),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             failure_config=FailureConfig(max_failures=config.max_failures)),
+        datasets={"train": dataset})
+    result = trainer.fit()
+    with result.checkpoint.as_directory() as d:
+        return torch.load(os.path.join(d, "state.pt"), weights_only=False)
+
+
+def run(task: Task, features_url: str, out: str, config: TrainConfig, release_url: str | None = None,
+        address: str | None = None, progress: bool = True) -> dict:
+    """Build examples, train, write the best model, submissions and result.json; return the result."""
+    import torch
+
+    from engine.release import Release
+    from engine.tasks.base import FeatureStore
+
+    log = print if progress else (lambda *a, **k: None)
+    features = FeatureStore(features_url)
+    release = Release.open(release_url or features.release_url())
+    train = task.examples(release, features, "train", train=True)
+    val = task.examples(release, features, "val", train=False)
+    truth = task.truth(release, "val")
+    classes = task.num_classes(release)
+    log(f"{task.name}: {len(train)} train and {len(val)} val examples, {features.dim}-d features, {classes} classes")
+    os.makedirs(out, exist_ok=True)
+    state = fit(task, train, val, truth, classes, out, config, address)
+
+    head = build_head(features.dim, classes, config.hidden, config.dropout)
+    head.load_state_dict(state["best_state"])
+    torch.save(head.state_dict(), os.path.join(out, "model.pt"))
+    fs, out_path = storage.filesystem(out)
+    storage.write_bytes_atomic(fs, storage.join(out_path, "metrics.jsonl"),
+                               "".join(json.dumps(row) + "\n" for row in state["history"]).encode())
+    submissions = {}
+    for split in ("val", "test"):
+        try:
+            examples = val if split == "val" else task.examples(release, features, split, train=False)
+        except FileNotFoundError as e:   # the release withholds this split's annotation file
+            log(f"{task.name}: no {split} submission ({e})")
+            continue
+        if len(examples):
+            submissions[split] = task.submission(predict(head, examples.x), examples, split)
+            storage.write_json_atomic(fs, storage.join(out_path, f"submission_{split}.json"), submissions[split])
+    val_metrics = task.evaluate(submissions["val"], truth)
+    result = {"task": task.name, "metric": task.metric, "val": val_metrics, "baselines": task.baselines(train, truth, "val"),
+              "best_epoch": state["best_epoch"], "epochs_run": state["epoch"], "resumed_from": state["resumed_from"],
+              "train_examples": len(train), "val_examples": len(val), "features": features_url,
+              "config": dataclasses.asdict(config)}
+    storage.write_json_atomic(fs, storage.join(out_path, "result.json"), result)
+    log(f"{task.name}: val {task.metric} {val_metrics[task.metric]:.4f} at epoch {state['best_epoch']} "
+        f"(baselines: {', '.join(f'{k} {v:.4f}' for k, v in result['baselines'].items())})")
+    return result

@@ -1,0 +1,142 @@
+"""Benchmarks on Ray Train: evaluation by hand, learning on the miniature release, one worker
+against two, resume after a kill, and `ee4d evaluate` reproducing the training metric."""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine import cli
+from engine.features import job as feature_job
+from engine.features import models
+from engine.shards import job as shard_job
+from engine.shards.plan import ShardConfig
+from engine.tasks import TASKS
+from engine.tasks.metrics import detection_map
+from engine.train.loop import TrainConfig, run
+
+# ----------------------------------------------------------------------------- evaluation by hand
+
+
+def test_keystep_evaluation_counts_missing_as_wrong_and_ignores_unknown_segments():
+    task = TASKS["keystep_recognition"]()
+    truth = {"segments": {"A|1.000|2.000": 3, "A|2.000|4.000": 5, "B|0.000|1.000": 5}}
+    submission = {"segments": [
+        {"take_uid": "A", "start_time": 1.0, "end_time": 2.0, "label_id": 3},
+        {"take_uid": "A", "start_time": 2.0, "end_time": 4.0, "label_id": 1},
+        {"take_uid": "Z", "start_time": 0.0, "end_time": 1.0, "label_id": 5}]}    # unknown take
+    result = task.evaluate(submission, truth)
+    assert result == {"top1": pytest.approx(1 / 3), "segments": 3, "missing": 1, "ignored": 1}
+    assert task.evaluate({"segments": []}, truth)["top1"] == 0.0
+
+
+def test_demonstrator_evaluation_averages_clip_and_view_probabilities():
+    task = TASKS["demonstrator_proficiency"]()
+    truth = {"takes": {"A": 0, "B": 2}}
+    submission = {"takes": {
+        # A: ego clips say 0 then weakly 1 (mean favours 0); exo views say 3 and 3.
+        "A": {"ego": [[5, 0, 0, 0], [0, 1, 0, 0]], "exo": [[[0, 0, 0, 4], [0, 0, 0, 4]], [[0, 0, 0, 4], [0, 0, 0, 4]]]},
+        "B": {"ego": [[0, 0, 3, 0]], "exo": []},          # no exo: exo counts as wrong, ego+exo is ego
+        "Z": {"ego": [[1, 0, 0, 0]], "exo": []}}}          # unknown take: ignored
+    result = task.evaluate(submission, truth)
+    assert result["top1_ego"] == 1.0 and result["top1_exo"] == 0.0
+    # A ego+exo: mean of ego probs (~[.50, .17, .14, .14]) and exo probs (~[.02, .02, .02, .95]) -> 3.
+    assert result["top1_ego_exo"] == 0.5 and result["ignored"] == 1
+
+
+def test_demonstration_evaluation_is_the_detection_map_of_its_points():
+    task = TASKS["demonstration_proficiency"]()
+    truth = {"takes": {"A": {"good_executions": [1.0, 5.0], "tips_for_improvement": [3.0], "duration": 7.0}}}
+    submission = {"takes": {"A": {"good_executions": [{"video_time": 1.1, "score": 0.9}, {"video_time": 5.2, "score": 0.7}],
+                                  "tips_for_improvement": []},
+                            "Z": {"good_executions": [{"video_time": 1.0, "score": 1.0}]}}}
+    result = task.evaluate(submission, truth)
+    expected = detection_map({"good_executions": [("A", 1.1, 0.9), ("A", 5.2, 0.7)], "tips_for_improvement": []},
+                             {"good_executions": [("A", 1.0), ("A", 5.0)], "tips_for_improvement": [("A", 3.0)]})
+    assert {k: result[k] for k in expected} == expected and result["ignored"] == 1
+    assert result["mAP@0.25"] == 0.5                        # good executions all found, no tip found
+
+
+# ----------------------------------------------------------------------------- training on Ray Train
+
+@pytest.fixture(scope="module")
+def demo_features(default_release, tmp_path_factory, local_ray) -> Path:
+    """Features of the demo release (all eight scenarios: keysteps and both proficiency tasks)."""
+    root = tmp_path_factory.mktemp("demo-features")
+    shard_job.run(str(default_release), str(root / "shards"), ShardConfig(shard_bytes=2_000_000), progress=False)
+    feature_job.run(str(root / "shards"), str(root / "features"),
+                    feature_job.FeatureConfig(model=models.resolve("tiny_video")), progress=False)
+    return root / "features"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fast_reports():
+    """Ray Train's controller polls workers every 2 s, which each report waits for; these
+    epochs last milliseconds, so poll faster (the variable reaches Ray Train's actors)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
+        yield
+
+
+def _evaluate_cli(task: str, submission: Path, release: Path, capsys) -> dict:
+    capsys.readouterr()
+    assert cli.main(["evaluate", task, "--predictions", str(submission), "--release", str(release)]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("task", ["keystep_recognition", "demonstrator_proficiency", "demonstration_proficiency"])
+def test_each_benchmark_trains_and_its_submission_reproduces_the_metric(task, demo_features, default_release,
+                                                                        tmp_path, capsys):
+    out = tmp_path / task
+    result = run(TASKS[task](), str(demo_features), str(out), TrainConfig(epochs=8, patience=8), progress=False)
+    metric = TASKS[task].metric
+    assert result["val_examples"] > 0 and result["val"]["ignored"] == 0 and result["baselines"]
+    assert _evaluate_cli(task, out / "submission_val.json", default_release, capsys)[metric] == result["val"][metric]
+    history = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == list(range(8)) and all(np.isfinite(h["loss"]) for h in history)
+    assert history[-1]["loss"] < history[0]["loss"]            # it fits the training set
+    assert (out / "model.pt").exists()
+
+
+def test_two_workers_train_like_one(demo_features, tmp_path):
+    config = TrainConfig(epochs=20, patience=20, seed=0)
+    one = run(TASKS["keystep_recognition"](), str(demo_features), str(tmp_path / "one"), config, progress=False)
+    two = run(TASKS["keystep_recognition"](), str(demo_features), str(tmp_path / "two"),
+              dataclasses.replace(config, workers=2), progress=False)
+    loss = [[json.loads(x)["loss"] for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+            for name in ("one", "two")]
+    print(f"val top-1: one worker {one['val']['top1']:.3f}, two {two['val']['top1']:.3f}; "
+          f"final train loss {loss[0][-1]:.3f} vs {loss[1][-1]:.3f}")
+    # Same global batch, averaged gradients, same initial weights: only the data order differs.
+    assert abs(loss[1][-1] - loss[0][-1]) <= 0.25 * loss[0][-1]
+    assert abs(two["val"]["top1"] - one["val"]["top1"]) <= 0.2
+
+
+def test_a_run_killed_after_its_first_checkpoint_resumes_from_it(demo_features, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "engine", "train", "keystep_recognition", "--features", str(demo_features),
+           "--out", str(out), "--epochs", "12", "--patience", "12"]
+    driver = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 240
+    while not glob.glob(str(out / "ray" / "run" / "checkpoint_*" / "state.pt")) and time.time() < deadline \
+            and driver.poll() is None:
+        time.sleep(0.05)
+    os.killpg(driver.pid, signal.SIGKILL)   # the driver and the Ray processes it started
+    driver.wait()
+    assert glob.glob(str(out / "ray" / "run" / "checkpoint_*")) and not (out / "result.json").exists()
+
+    result = run(TASKS["keystep_recognition"](), str(demo_features), str(out),
+                 TrainConfig(epochs=12, patience=12), progress=False)
+    assert result["resumed_from"] and 1 <= result["resumed_from"][0] < 12, result["resumed_from"]
+    assert result["epochs_run"] == 12
+    epochs = [json.loads(x)["epoch"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == list(range(12))

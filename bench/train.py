@@ -19,12 +19,12 @@ import torch
 from engine.release import Release
 from engine.tasks import TASKS
 from engine.tasks.base import Examples, FeatureStore
-from engine.train.loop import TrainConfig, build_head, fit
+from engine.train.loop import TrainConfig, build_head, feature_scale, fit
 
 
 def plain_loop(train: Examples, dim: int, classes: int, config: TrainConfig) -> list[float]:
     torch.manual_seed(config.seed)
-    model = build_head(dim, classes, config.hidden, config.dropout)
+    model = build_head(feature_scale(train.x), classes, config.hidden, config.dropout)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     loss_fn = torch.nn.CrossEntropyLoss()
     x, y = torch.from_numpy(train.x), torch.from_numpy(train.y)

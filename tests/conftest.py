@@ -15,6 +15,8 @@ from engine.release import synth
 
 # Scenarios of the learnability release: procedural ones carry keystep labels.
 PROCEDURAL = ["Cooking", "Health", "Bike Repair"]
+# and physical ones demonstration proficiency.
+PHYSICAL = ["Music", "Basketball", "Rock Climbing", "Soccer", "Dance"]
 
 
 @pytest.fixture(scope="session")
@@ -57,6 +59,14 @@ def local_ray():
         ray.init(num_cpus=2, log_to_driver=False, include_dashboard=False)
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def physical_release(tmp_path_factory) -> Path:
+    """Physical takes long enough to hold several demonstration events each."""
+    root = tmp_path_factory.mktemp("physical") / "release"
+    synth.generate(root, preset="tiny", takes=10, seconds=12.0, seed=4, scenarios=PHYSICAL)
+    return root
 
 
 @pytest.fixture

@@ -76,7 +76,7 @@ def test_features_from_shards_equal_features_from_the_release(tiny_release, feat
     assert sorted(got) == sorted(expected) and len(got) == 3 * 5
     for name, tensor in got.items():
         assert re.fullmatch(r"[0-9a-f-]{36}_(aria01_rgb|cam0[1-4]_0)", name), name
-        assert tensor.dtype == torch.float32 and tuple(tensor.shape) == (3, 128)   # 60 frames: 3 windows
+        assert tensor.dtype == torch.float32 and tuple(tensor.shape) == (3, 240)   # 60 frames: 3 windows
         np.testing.assert_allclose(tensor.numpy(), expected[name], rtol=0, atol=1e-5)
 
     table = pq.read_table(str(features / "parquet"))
@@ -88,7 +88,7 @@ def test_features_from_shards_equal_features_from_the_release(tiny_release, feat
 
     stage = json.loads((features / "stage.json").read_text())
     assert stage["model"]["name"] == "tiny_video" and stage["weights_sha256"] == "random-init-seed-0"
-    assert (stage["window"], stage["stride"], stage["dim"], stage["take_views"], stage["rejects"]) == (32, 16, 128, 15, 0)
+    assert (stage["window"], stage["stride"], stage["dim"], stage["take_views"], stage["rejects"]) == (32, 16, 240, 15, 0)
 
 
 def test_image_model_gives_one_feature_per_frame_at_the_chosen_rate(tiny_release, shards, tmp_path):
@@ -98,7 +98,7 @@ def test_image_model_gives_one_feature_per_frame_at_the_chosen_rate(tiny_release
     expected = _reference(tiny_release, config, views="ego")
     assert sorted(got) == sorted(expected) and len(got) == 3
     for name, tensor in got.items():
-        assert tuple(tensor.shape) == (10, 128)    # 2 s at 5 per second
+        assert tuple(tensor.shape) == (10, 192)    # 2 s at 5 per second
         np.testing.assert_allclose(tensor.numpy(), expected[name], rtol=0, atol=1e-5)
 
 

@@ -120,12 +120,16 @@ class DemonstrationProficiency(Task):
             for cls, events in enumerate((entry.good_executions, entry.tips_for_improvement), start=1):
                 for event in events:
                     labels[(t0 <= event.video_time) & (event.video_time < t1)] = cls
-            xs.append(vectors)
+            # An event is a brief change within a take: give each window its difference from the
+            # take's mean and from its neighbours, so the scene itself does not dominate.
+            padded = np.concatenate([vectors[:1], vectors, vectors[-1:]])
+            context = (padded[:-2] + padded[2:]) / 2
+            xs.append(np.concatenate([vectors - vectors.mean(axis=0), vectors - context], axis=1))
             ys.append(labels)
             meta += [{"take_uid": entry.take_uid, "window": i, "time": float((a + b) / 2)}
                      for i, (a, b) in enumerate(zip(t0, t1))]
         if not xs:
-            return Examples(np.zeros((0, features.dim), np.float32), np.zeros(0, np.int64), [])
+            return Examples(np.zeros((0, 2 * features.dim), np.float32), np.zeros(0, np.int64), [])
         return Examples(np.concatenate(xs), np.concatenate(ys), meta)
 
     def truth(self, release, split: str) -> dict:

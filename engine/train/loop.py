@@ -43,10 +43,27 @@ class TrainConfig:
     checkpoint_every: int = 1         # epochs between checkpoints (the last epoch always gets one)
 
 
-def build_head(dim: int, classes: int, hidden: int, dropout: float):
+def build_head(scale: np.ndarray, classes: int, hidden: int, dropout: float):
+    """An MLP whose first step standardizes each feature with the train set's mean and std
+    (``scale`` = [2, D]), kept in the state_dict so the saved head takes raw features."""
+    import torch
     from torch import nn
-    return nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.ReLU(), nn.Dropout(dropout),
+
+    class Standardize(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("mean", torch.as_tensor(scale[0], dtype=torch.float32))
+            self.register_buffer("std", torch.as_tensor(scale[1], dtype=torch.float32))
+
+        def forward(self, x):
+            return (x - self.mean) / self.std
+
+    return nn.Sequential(Standardize(), nn.Linear(scale.shape[1], hidden), nn.ReLU(), nn.Dropout(dropout),
                          nn.Linear(hidden, classes))
+
+
+def feature_scale(x: np.ndarray) -> np.ndarray:
+    return np.stack([x.mean(axis=0), x.std(axis=0) + 1e-6]).astype(np.float32)
 
 
 def predict(model, x: np.ndarray, batch: int = 4096) -> np.ndarray:
@@ -71,7 +88,7 @@ def train_loop(cfg: dict) -> None:
     torch.manual_seed(config.seed)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    head = build_head(cfg["dim"], cfg["classes"], config.hidden, config.dropout)
+    head = build_head(cfg["scale"], cfg["classes"], config.hidden, config.dropout)
     model = ray.train.torch.prepare_model(head)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     state = {"epoch": 0, "history": [], "best": None, "best_state": None, "bad_epochs": 0, "resumed_from": []}
@@ -96,7 +113,7 @@ def train_loop(cfg: dict) -> None:
             x = torch.cat([p["x"] for p in parts]).to(device)
             y = torch.cat([p["y"] for p in parts]).to(device)
         model.train()
-        started, seen, losses = time.perf_counter(), 0, []
+        started, seen, loss_sum = time.perf_counter(), 0, 0.0
         order = torch.randperm(len(y), generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch * 101 + rank))
         for i in range(0, len(y), batch_size):
             idx = order[i:i + batch_size].to(device)
@@ -104,7 +121,7 @@ def train_loop(cfg: dict) -> None:
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            losses.append(float(loss))
+            loss_sum = loss_sum + loss.detach() * len(idx)   # no per-step device sync
             seen += len(idx)
         seconds = time.perf_counter() - started
         metrics = task.evaluate(task.submission(predict(head, val.x), val, "val"), cfg["truth"])
@@ -114,7 +131,7 @@ def train_loop(cfg: dict) -> None:
         else:
             state["bad_epochs"] += 1
         state["epoch"] = epoch + 1
-        row = {"epoch": epoch, "loss": float(np.mean(losses)) if losses else None, "samples": seen * world,
+        row = {"epoch": epoch, "loss": float(loss_sum) / seen if seen else None, "samples": seen * world,
                "samples_per_s": seen * world / seconds if seconds else None, **metrics}
         state["history"].append(row)
         stop = state["bad_epochs"] >= config.patience or state["epoch"] >= config.epochs
@@ -138,6 +155,8 @@ def fit(task: Task, train: Examples, val: Examples, truth: dict, classes: int, o
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    labelled = train.y >= 0
+    train = Examples(train.x[labelled], train.y[labelled], [m for m, ok in zip(train.meta, labelled) if ok])
     if not len(train) or not len(val):
         raise ValueError(f"{task.name}: {len(train)} train and {len(val)} val examples; both are needed")
     if not ray.is_initialized():
@@ -146,8 +165,8 @@ def fit(task: Task, train: Examples, val: Examples, truth: dict, classes: int, o
     dataset = ray.data.from_items([{"x": x, "y": int(y)} for x, y in zip(train.x, train.y)])
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"task": task, "config": config, "val": val, "truth": truth, "dim": train.x.shape[1],
-                           "classes": classes},
+        train_loop_config={"task": task, "config": config, "val": val, "truth": truth,
+                           "scale": feature_scale(train.x), "classes": classes},
         scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=use_gpu),
         run_config=RunConfig(name="run", storage_path=os.path.abspath(os.path.join(out, "ray")),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
@@ -177,7 +196,7 @@ def run(task: Task, features_url: str, out: str, config: TrainConfig, release_ur
     os.makedirs(out, exist_ok=True)
     state = fit(task, train, val, truth, classes, out, config, address)
 
-    head = build_head(features.dim, classes, config.hidden, config.dropout)
+    head = build_head(feature_scale(train.x), classes, config.hidden, config.dropout)
     head.load_state_dict(state["best_state"])
     torch.save(head.state_dict(), os.path.join(out, "model.pt"))
     fs, out_path = storage.filesystem(out)

@@ -14,32 +14,26 @@ import statistics
 import time
 
 import numpy as np
+import ray
 import torch
 
 from engine.release import Release
 from engine.tasks import TASKS
-from engine.tasks.base import Examples, FeatureStore
-from engine.train.loop import TrainConfig, build_head, feature_scale, fit
+from engine.tasks.base import Examples, FeatureStore, feature_scale
+from engine.train.loop import TrainConfig, fit, train_epoch
 
 
-def plain_loop(train: Examples, dim: int, classes: int, config: TrainConfig) -> list[float]:
+def plain_loop(task, train: Examples, classes: int, config: TrainConfig) -> list[float]:
+    """The same epoch function as the Ray Train loop, in this process, without Ray Train."""
     torch.manual_seed(config.seed)
-    model = build_head(feature_scale(train.x), classes, config.hidden, config.dropout)
+    model = task.head(feature_scale(train.x), classes, config.hidden, config.dropout)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    loss_fn = torch.nn.CrossEntropyLoss()
     x, y = torch.from_numpy(train.x), torch.from_numpy(train.y)
     rates = []
     for epoch in range(config.epochs):
-        model.train()
         started = time.perf_counter()
-        order = torch.randperm(len(y), generator=torch.Generator().manual_seed(epoch))
-        for i in range(0, len(y), config.batch_size):
-            idx = order[i:i + config.batch_size]
-            loss = loss_fn(model(x[idx]), y[idx])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-        rates.append(len(y) / (time.perf_counter() - started))
+        seen, _ = train_epoch(model, optimizer, task.loss(), x, y, config.batch_size, seed=epoch)
+        rates.append(seen / (time.perf_counter() - started))
     return rates
 
 
@@ -51,6 +45,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--cpus-per-worker", type=int, default=1)
     args = parser.parse_args()
 
     task = TASKS[args.task]()
@@ -60,9 +55,14 @@ def main() -> None:
     train = Examples(np.tile(base.x, (args.tile, 1)), np.tile(base.y, args.tile), base.meta * args.tile)
     val = task.examples(release, features, "val", train=False)
     classes = task.num_classes(release)
-    config = TrainConfig(epochs=args.epochs, patience=args.epochs, workers=args.workers, batch_size=args.batch_size)
+    config = TrainConfig(epochs=args.epochs, patience=args.epochs, workers=args.workers, batch_size=args.batch_size,
+                         cpus_per_worker=args.cpus_per_worker)
 
-    plain = plain_loop(train, features.dim, classes, config)
+    # Same conditions for the plain loop: Ray's processes already up, the threads one Train
+    # worker gets.
+    ray.init(log_to_driver=False, configure_logging=False)
+    torch.set_num_threads(args.cpus_per_worker)
+    plain = plain_loop(task, train, classes, config)
     started = time.perf_counter()
     import tempfile
     with tempfile.TemporaryDirectory() as out:
@@ -71,7 +71,7 @@ def main() -> None:
     ray_rates = [row["samples_per_s"] for row in state["history"]]
     # Epoch 0 pays the dataset's first read in both loops' terms differently: report medians.
     print(f"{args.task}: {len(train)} train examples ({args.tile}x tiled), {features.dim}-d, batch {args.batch_size}, "
-          f"{args.epochs} epochs, {args.workers} Ray Train worker(s)")
+          f"{args.epochs} epochs, {args.workers} Ray Train worker(s) of {args.cpus_per_worker} CPU(s)")
     print(f"  plain torch loop  {statistics.median(plain):10.0f} samples/s (median over epochs)")
     print(f"  Ray Train loop    {statistics.median(ray_rates):10.0f} samples/s (median over epochs; "
           f"fit() wall {wall:.1f} s incl. start-up)")

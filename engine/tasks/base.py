@@ -2,7 +2,8 @@
 
 A task turns features (one file per take and view, from ``ee4d features``) and the release's
 annotations into examples (a pooled feature vector and a class per example), scores logits
-with the official metric, and writes and reads the official submission file. The training loop
+with the official metric, and writes and reads the official submission file; it may replace
+the default head (an MLP on standardized features) or loss (cross-entropy). The training loop
 (``engine.train``) knows nothing else about a task; adding a benchmark is one module with a
 ``Task`` subclass plus one entry in ``engine.tasks.TASKS``.
 
@@ -45,6 +46,14 @@ class Task:
 
     def num_classes(self, release) -> int:
         raise NotImplementedError
+
+    def head(self, scale: np.ndarray, classes: int, hidden: int, dropout: float):
+        """The model on the features; by default an MLP on standardized features."""
+        return build_head(scale, classes, hidden, dropout)
+
+    def loss(self):
+        import torch
+        return torch.nn.CrossEntropyLoss()
 
     def examples(self, release, features: "FeatureStore", split: str, train: bool) -> Examples:
         """Train examples may add views that evaluation does not use (exo for ego-only tasks)."""
@@ -104,6 +113,29 @@ class FeatureStore:
         config = storage.read_json(self.fs, storage.join(self.path, "_config.json"))
         shards_fs, shards = storage.filesystem(config["source"], self.storage_options)
         return storage.read_json(shards_fs, storage.join(shards, "_config.json"))["source"]
+
+
+def build_head(scale: np.ndarray, classes: int, hidden: int, dropout: float):
+    """An MLP whose first step standardizes each feature with the train set's mean and std
+    (``scale`` = [2, D]), kept in the state_dict so the saved head takes raw features."""
+    import torch
+    from torch import nn
+
+    class Standardize(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("mean", torch.as_tensor(scale[0], dtype=torch.float32))
+            self.register_buffer("std", torch.as_tensor(scale[1], dtype=torch.float32))
+
+        def forward(self, x):
+            return (x - self.mean) / self.std
+
+    return nn.Sequential(Standardize(), nn.Linear(scale.shape[1], hidden), nn.ReLU(), nn.Dropout(dropout),
+                         nn.Linear(hidden, classes))
+
+
+def feature_scale(x: np.ndarray) -> np.ndarray:
+    return np.stack([x.mean(axis=0), x.std(axis=0) + 1e-6]).astype(np.float32)
 
 
 def pool(t0: np.ndarray, t1: np.ndarray, vectors: np.ndarray, start: float, end: float) -> np.ndarray:

@@ -24,7 +24,7 @@ import time
 import numpy as np
 
 from engine import storage
-from engine.tasks.base import Examples, Task
+from engine.tasks.base import Examples, Task, feature_scale
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,32 +38,10 @@ class TrainConfig:
     patience: int = 8                 # epochs without a better val metric before stopping
     seed: int = 0
     workers: int = 1
+    cpus_per_worker: float = 1.0      # also torch's thread count on each worker
     use_gpu: bool | None = None       # None: when the cluster has GPUs
     max_failures: int = 2             # worker failures Ray Train recovers from, from the last checkpoint
     checkpoint_every: int = 1         # epochs between checkpoints (the last epoch always gets one)
-
-
-def build_head(scale: np.ndarray, classes: int, hidden: int, dropout: float):
-    """An MLP whose first step standardizes each feature with the train set's mean and std
-    (``scale`` = [2, D]), kept in the state_dict so the saved head takes raw features."""
-    import torch
-    from torch import nn
-
-    class Standardize(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.register_buffer("mean", torch.as_tensor(scale[0], dtype=torch.float32))
-            self.register_buffer("std", torch.as_tensor(scale[1], dtype=torch.float32))
-
-        def forward(self, x):
-            return (x - self.mean) / self.std
-
-    return nn.Sequential(Standardize(), nn.Linear(scale.shape[1], hidden), nn.ReLU(), nn.Dropout(dropout),
-                         nn.Linear(hidden, classes))
-
-
-def feature_scale(x: np.ndarray) -> np.ndarray:
-    return np.stack([x.mean(axis=0), x.std(axis=0) + 1e-6]).astype(np.float32)
 
 
 def predict(model, x: np.ndarray, batch: int = 4096) -> np.ndarray:
@@ -76,6 +54,23 @@ def predict(model, x: np.ndarray, batch: int = 4096) -> np.ndarray:
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
+def train_epoch(model, optimizer, loss_fn, x, y, batch_size: int, seed: int) -> tuple[int, float]:
+    """One pass over (x, y) in a seeded random order; returns (samples, summed loss)."""
+    import torch
+    model.train()
+    seen, loss_sum = 0, 0.0
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed)).to(x.device)
+    for i in range(0, len(y), batch_size):
+        idx = order[i:i + batch_size]
+        loss = loss_fn(model(x[idx]), y[idx])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        loss_sum = loss_sum + loss.detach() * len(idx)   # no per-step device sync
+        seen += len(idx)
+    return seen, float(loss_sum)
+
+
 def train_loop(cfg: dict) -> None:
     """The per-worker function (plain torch plus ray.train calls)."""
     import torch
@@ -86,9 +81,10 @@ def train_loop(cfg: dict) -> None:
     config: TrainConfig = cfg["config"]
     val: Examples = cfg["val"]
     torch.manual_seed(config.seed)
+    torch.set_num_threads(max(1, int(config.cpus_per_worker)))
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    head = build_head(cfg["scale"], cfg["classes"], config.hidden, config.dropout)
+    head = task.head(cfg["scale"], cfg["classes"], config.hidden, config.dropout)
     model = ray.train.torch.prepare_model(head)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     state = {"epoch": 0, "history": [], "best": None, "best_state": None, "bad_epochs": 0, "resumed_from": []}
@@ -102,7 +98,7 @@ def train_loop(cfg: dict) -> None:
         state["resumed_from"].append(state["epoch"])
     device = ray.train.torch.get_device()
     shard = ray.train.get_dataset_shard("train")
-    loss_fn = torch.nn.CrossEntropyLoss()
+    loss_fn = task.loss()
     x = y = None
     batch_size = max(1, config.batch_size // world)
     for epoch in range(state["epoch"], config.epochs):
@@ -112,17 +108,9 @@ def train_loop(cfg: dict) -> None:
             parts = list(shard.iter_torch_batches(batch_size=8192, dtypes={"x": torch.float32, "y": torch.int64}))
             x = torch.cat([p["x"] for p in parts]).to(device)
             y = torch.cat([p["y"] for p in parts]).to(device)
-        model.train()
-        started, seen, loss_sum = time.perf_counter(), 0, 0.0
-        order = torch.randperm(len(y), generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch * 101 + rank))
-        for i in range(0, len(y), batch_size):
-            idx = order[i:i + batch_size].to(device)
-            loss = loss_fn(model(x[idx]), y[idx])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            loss_sum = loss_sum + loss.detach() * len(idx)   # no per-step device sync
-            seen += len(idx)
+        started = time.perf_counter()
+        seen, loss_sum = train_epoch(model, optimizer, loss_fn, x, y, batch_size,
+                                     seed=config.seed * 100_003 + epoch * 101 + rank)
         seconds = time.perf_counter() - started
         metrics = task.evaluate(task.submission(predict(head, val.x), val, "val"), cfg["truth"])
         value = metrics[task.metric]
@@ -131,7 +119,7 @@ def train_loop(cfg: dict) -> None:
         else:
             state["bad_epochs"] += 1
         state["epoch"] = epoch + 1
-        row = {"epoch": epoch, "loss": float(loss_sum) / seen if seen else None, "samples": seen * world,
+        row = {"epoch": epoch, "loss": loss_sum / seen if seen else None, "samples": seen * world,
                "samples_per_s": seen * world / seconds if seconds else None, **metrics}
         state["history"].append(row)
         stop = state["bad_epochs"] >= config.patience or state["epoch"] >= config.epochs
@@ -167,7 +155,8 @@ def fit(task: Task, train: Examples, val: Examples, truth: dict, classes: int, o
         train_loop,
         train_loop_config={"task": task, "config": config, "val": val, "truth": truth,
                            "scale": feature_scale(train.x), "classes": classes},
-        scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=use_gpu),
+        scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": config.cpus_per_worker}),
         run_config=RunConfig(name="run", storage_path=os.path.abspath(os.path.join(out, "ray")),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              failure_config=FailureConfig(max_failures=config.max_failures)),
@@ -196,7 +185,7 @@ def run(task: Task, features_url: str, out: str, config: TrainConfig, release_ur
     os.makedirs(out, exist_ok=True)
     state = fit(task, train, val, truth, classes, out, config, address)
 
-    head = build_head(feature_scale(train.x), classes, config.hidden, config.dropout)
+    head = task.head(feature_scale(train.x), classes, config.hidden, config.dropout)
     head.load_state_dict(state["best_state"])
     torch.save(head.state_dict(), os.path.join(out, "model.pt"))
     fs, out_path = storage.filesystem(out)

@@ -26,7 +26,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from engine import storage
+from engine import storage, video
 from engine.features import models
 from engine.features.models import ModelSpec
 from engine.features.windows import (Assembler, FeatureInputError, assemble, feature_name, feature_windows, read_shard,
@@ -191,8 +191,10 @@ class Embedder:
 def features_from_release(release, take, view, config: FeatureConfig, embedder: Embedder) -> np.ndarray:
     """The same features computed the plain way: decode the release's video file in one pass,
     run the model in batches, in this process. The job's output must equal this."""
-    wins = feature_windows(config.model, take_num_frames(release, view), config.window, config.stride, config.fps)
-    frames = release_frames(release, view, {f for w in wins for f in w.picks}, config.model.size)
+    with release.open_file(view.path) as f:
+        info = video.probe(f, check_tail=False)
+    wins = feature_windows(config.model, info.frames, config.window, config.stride, config.fps)
+    frames = release_frames(release, view, info, {f for w in wins for f in w.picks}, config.model.size)
     clips, out = [], []
     for _, clip in assemble(wins, frames, config.model.size):
         clips.append(clip)
@@ -202,12 +204,6 @@ def features_from_release(release, take, view, config: FeatureConfig, embedder: 
     if clips:
         out.append(embedder.embed(np.stack(clips)))
     return np.concatenate(out)
-
-
-def take_num_frames(release, view) -> int:
-    from engine import video
-    with release.open_file(view.path) as f:
-        return video.probe(f, check_tail=False).frames
 
 
 # ----------------------------------------------------------------------------- driver

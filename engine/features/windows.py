@@ -123,10 +123,10 @@ def assemble(windows: list[Window], frames: Iterable[tuple[int, np.ndarray]],
 
 # ----------------------------------------------------------------------------- frame sources
 
-def release_frames(release, view: rec.View, needed: set[int], size: int) -> Iterator[tuple[int, np.ndarray]]:
-    """Frames straight from a release video file, one decoding pass (the reference path)."""
-    with release.open_file(view.path) as f:
-        info = video.probe(f, check_tail=False)
+def release_frames(release, view: rec.View, info: video.VideoInfo, needed: set[int],
+                   size: int) -> Iterator[tuple[int, np.ndarray]]:
+    """Frames straight from a release video file (probed as ``info``), one decoding pass (the
+    reference path)."""
     scaled = input_size(info.width, info.height, size)
     with release.open_file(view.path) as f:
         yield from video.decode(f, scaled, needed)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -113,9 +114,159 @@ def _evaluate(args) -> int:
     return 0
 
 
+def _run(args) -> int:
+    from engine.graph import run as graph
+    from engine.graph.spec import load
+    from engine.release import ReleaseError
+
+    try:
+        spec = load(args.spec, args.set, out=args.out)
+        result = graph.run(spec, address=args.address)
+    except (ValueError, ReleaseError) as e:   # a bad spec or config, an unreadable release
+        print(f"ee4d run: {e}", file=sys.stderr)
+        return 2
+    except graph.GraphError as e:
+        print(f"ee4d run: {e}", file=sys.stderr)
+        return 1
+    ran = sum(s["status"] == "ran" for s in result["stages"])
+    print(f"run {spec.name}: {ran} stages ran, {len(result['stages']) - ran} reused, {result['seconds']:.1f} s")
+    if result["report"]:
+        print(f"report: {result['report']}")
+    return 0
+
+
+def _jobs_client(address: str):
+    """A Jobs API client, or SystemExit with one line saying why not."""
+    from ray.exceptions import AuthenticationError
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        return JobSubmissionClient(address)
+    except AuthenticationError:
+        raise SystemExit(f"ee4d: {address} wants a token: run with RAY_AUTH_MODE=token and the cluster's token in "
+                         "~/.ray/auth_token (or RAY_AUTH_TOKEN)") from None
+    except ConnectionError as e:
+        raise SystemExit(f"ee4d: cannot reach the Ray Jobs API at {address}: {e}") from None
+
+
+def _submit(args) -> int:
+    import shlex
+
+    from engine import storage
+    from engine.graph.spec import SpecError, load
+
+    working_dir = os.path.abspath(args.working_dir)
+    spec_path = os.path.abspath(args.spec)
+    if not spec_path.startswith(working_dir + os.sep):
+        print(f"ee4d submit: {args.spec} is outside the working dir {working_dir}, which is what the job receives",
+              file=sys.stderr)
+        return 2
+    try:
+        spec = load(spec_path, args.set, out=args.out, local=False)   # a malformed spec fails here, not on the cluster
+    except SpecError as e:
+        print(f"ee4d submit: {e}", file=sys.stderr)
+        return 2
+    out = spec.out
+    if storage.is_local(storage.filesystem(out)[0]):
+        # The job runs in a copy of the working dir; a relative path would land in that copy.
+        out = os.path.abspath(out)
+        print(f"ee4d submit: out is the local path {out}: every node of the cluster must see it (use s3:// on "
+              "a real cluster)")
+    entrypoint = " ".join(["python -m engine run", shlex.quote(os.path.relpath(spec_path, working_dir)),
+                           "--out", shlex.quote(out)] + [f"--set {shlex.quote(s)}" for s in args.set or []])
+    client = _jobs_client(args.address)
+    job_id = client.submit_job(
+        entrypoint=entrypoint, submission_id=args.job_id, metadata={"ee4d_spec": spec.name, "out": out},
+        runtime_env={"working_dir": working_dir,
+                     "excludes": [".venv/", "runs/", ".git/", "__pycache__/", "*.pyc", ".pytest_cache/"]})
+    print(f"submitted {job_id} to {args.address}: {entrypoint}")
+    print(f"  ee4d status {job_id} --address {args.address}\n  ee4d logs {job_id} --address {args.address} --follow")
+    if not args.wait:
+        return 0
+    _follow(client, job_id)
+    status = client.get_job_status(job_id)
+    print(f"{job_id}: {status}")
+    return 0 if str(status) == "SUCCEEDED" else 1
+
+
+def _follow(client, job_id: str) -> None:
+    import asyncio
+
+    async def tail():
+        async for lines in client.tail_job_logs(job_id):
+            print(lines, end="", flush=True)
+    asyncio.run(tail())
+
+
+def _status(args) -> int:
+    client = _jobs_client(args.address)
+    if args.job_id:
+        info = client.get_job_info(args.job_id)
+        print(f"{args.job_id}: {info.status}" + (f" ({info.message})" if info.message else ""))
+        return 0
+    for info in sorted(client.list_jobs(), key=lambda j: j.start_time or 0):
+        started = time.strftime("%Y-%m-%d %H:%M", time.localtime(info.start_time / 1000)) if info.start_time else "-"
+        print(f"{info.submission_id or info.job_id}  {str(info.status):<9}  {started}  {info.entrypoint}")
+    return 0
+
+
+def _stop(args) -> int:
+    client = _jobs_client(args.address)
+    client.stop_job(args.job_id)
+    while not client.get_job_status(args.job_id).is_terminal():
+        time.sleep(0.5)
+    print(f"{args.job_id}: {client.get_job_status(args.job_id)}")
+    return 0
+
+
+def _logs(args) -> int:
+    client = _jobs_client(args.address)
+    if args.follow:
+        _follow(client, args.job_id)
+    else:
+        print(client.get_job_logs(args.job_id), end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ee4d", description="Ego-Exo4D data engine on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run a job spec's graph (release -> ... -> report), skipping finished stages")
+    p.add_argument("spec", help="job spec (YAML), e.g. jobs/demo.yaml")
+    p.add_argument("--out", help="output location, a path or s3:// (default: the spec's out)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a spec value, e.g. --set tasks.keystep_recognition.epochs=10 (repeatable)")
+    p.add_argument("--address", help="Ray cluster address (default: the spec's ray.address, else a local Ray)")
+    p.set_defaults(func=_run)
+
+    jobs_address = os.environ.get("RAY_API_SERVER_ADDRESS", "http://127.0.0.1:8265")
+    p = sub.add_parser("submit", help="submit a job spec to a Ray cluster through the Jobs API")
+    p.add_argument("spec", help="job spec (YAML) inside the working dir")
+    p.add_argument("--address", default=jobs_address,
+                   help="the cluster's dashboard / Jobs API (default: $RAY_API_SERVER_ADDRESS or %(default)s)")
+    p.add_argument("--out", help="output location the cluster writes (default: the spec's out)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a spec value (repeatable)")
+    p.add_argument("--working-dir", default=".", help="code shipped with the job (default: the current directory)")
+    p.add_argument("--job-id", help="submission id (default: one Ray makes up)")
+    p.add_argument("--wait", action="store_true", help="follow the logs until the job ends; exit 1 unless it succeeded")
+    p.set_defaults(func=_submit)
+
+    p = sub.add_parser("status", help="status of a submitted job, or of every job on the cluster")
+    p.add_argument("job_id", nargs="?")
+    p.add_argument("--address", default=jobs_address, help="the cluster's Jobs API (default: %(default)s)")
+    p.set_defaults(func=_status)
+
+    p = sub.add_parser("stop", help="stop a submitted job (a later submit of the same spec and out resumes it)")
+    p.add_argument("job_id")
+    p.add_argument("--address", default=jobs_address, help="the cluster's Jobs API (default: %(default)s)")
+    p.set_defaults(func=_stop)
+
+    p = sub.add_parser("logs", help="logs of a submitted job")
+    p.add_argument("job_id")
+    p.add_argument("--address", default=jobs_address, help="the cluster's Jobs API (default: %(default)s)")
+    p.add_argument("--follow", action="store_true", help="keep printing until the job ends")
+    p.set_defaults(func=_logs)
 
     p = sub.add_parser("synth", help="write a miniature Ego-Exo4D release (real layout, real H.264)")
     p.add_argument("out", help="output directory (must be empty or absent)")

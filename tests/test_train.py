@@ -86,15 +86,6 @@ def physical_features(physical_release, tmp_path_factory, local_ray) -> Path:
     return _features(physical_release, tmp_path_factory.mktemp("physical-features"))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_reports():
-    """Ray Train's controller polls workers every 2 s, which each report waits for; these
-    epochs last milliseconds, so poll faster (the variable reaches Ray Train's actors)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
-        yield
-
-
 def _train_and_check(task: str, features: Path, release: Path, out: Path, capsys, **config) -> dict:
     """Train; check the epochs' log, and that `ee4d evaluate` on the run's own submission gives
     the metric the run printed."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import io
 import json
 import os
 import tempfile
@@ -55,8 +56,12 @@ def predict(model, x: np.ndarray, batch: int = 4096) -> np.ndarray:
 
 
 def train_epoch(model, optimizer, loss_fn, x, y, batch_size: int, seed: int) -> tuple[int, float]:
-    """One pass over (x, y) in a seeded random order; returns (samples, summed loss)."""
+    """One pass over (x, y) in a seeded random order; returns (samples, summed loss).
+
+    Dropout draws from torch's global generator, seeded here per epoch too, so a run resumed
+    from a checkpoint continues exactly as the uninterrupted run would have."""
     import torch
+    torch.manual_seed(seed)
     model.train()
     seen, loss_sum = 0, 0.0
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed)).to(x.device)
@@ -105,9 +110,13 @@ def train_loop(cfg: dict) -> None:
         if x is None:
             # Examples are pooled features (MBs, not frames): each worker reads its shard once
             # and reshuffles it in memory every epoch, instead of paying a dataset pass per epoch.
-            parts = list(shard.iter_torch_batches(batch_size=8192, dtypes={"x": torch.float32, "y": torch.int64}))
-            x = torch.cat([p["x"] for p in parts]).to(device)
-            y = torch.cat([p["y"] for p in parts]).to(device)
+            parts = list(shard.iter_torch_batches(batch_size=8192, dtypes={"x": torch.float32, "y": torch.int64,
+                                                                             "i": torch.int64}))
+            # Blocks may arrive in any order: put the examples back in theirs, so a run
+            # repeats exactly.
+            order = torch.argsort(torch.cat([p["i"] for p in parts]))
+            x = torch.cat([p["x"] for p in parts])[order].to(device)
+            y = torch.cat([p["y"] for p in parts])[order].to(device)
         started = time.perf_counter()
         seen, loss_sum = train_epoch(model, optimizer, loss_fn, x, y, batch_size,
                                      seed=config.seed * 100_003 + epoch * 101 + rank)
@@ -150,20 +159,30 @@ def fit(task: Task, train: Examples, val: Examples, truth: dict, classes: int, o
     if not ray.is_initialized():
         ray.init(address=address, log_to_driver=False, configure_logging=False)
     use_gpu = config.use_gpu if config.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
-    dataset = ray.data.from_items([{"x": x, "y": int(y)} for x, y in zip(train.x, train.y)])
+    dataset = ray.data.from_items([{"x": x, "y": int(y), "i": i} for i, (x, y) in enumerate(zip(train.x, train.y))])
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"task": task, "config": config, "val": val, "truth": truth,
                            "scale": feature_scale(train.x), "classes": classes},
         scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": config.cpus_per_worker}),
-        run_config=RunConfig(name="run", storage_path=os.path.abspath(os.path.join(out, "ray")),
+        run_config=RunConfig(name="run", **_ray_storage(out),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              failure_config=FailureConfig(max_failures=config.max_failures)),
         datasets={"train": dataset})
     result = trainer.fit()
     with result.checkpoint.as_directory() as d:
         return torch.load(os.path.join(d, "state.pt"), weights_only=False)
+
+
+def _ray_storage(out: str) -> dict:
+    """Ray Train's checkpoint location under ``out`` (a path or an fsspec URL such as s3://)."""
+    fs, path = storage.filesystem(out)
+    if storage.is_local(fs):
+        return {"storage_path": os.path.abspath(storage.join(path, "ray"))}
+    import pyarrow.fs
+    return {"storage_path": storage.join(path, "ray"),
+            "storage_filesystem": pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))}
 
 
 def run(task: Task, features_url: str, out: str, config: TrainConfig, release_url: str | None = None,
@@ -182,13 +201,14 @@ def run(task: Task, features_url: str, out: str, config: TrainConfig, release_ur
     truth = task.truth(release, "val")
     classes = task.num_classes(release)
     log(f"{task.name}: {len(train)} train and {len(val)} val examples, {features.dim}-d features, {classes} classes")
-    os.makedirs(out, exist_ok=True)
     state = fit(task, train, val, truth, classes, out, config, address)
 
     head = task.head(feature_scale(train.x), classes, config.hidden, config.dropout)
     head.load_state_dict(state["best_state"])
-    torch.save(head.state_dict(), os.path.join(out, "model.pt"))
     fs, out_path = storage.filesystem(out)
+    buf = io.BytesIO()
+    torch.save(head.state_dict(), buf)
+    storage.write_bytes_atomic(fs, storage.join(out_path, "model.pt"), buf.getvalue())
     storage.write_bytes_atomic(fs, storage.join(out_path, "metrics.jsonl"),
                                "".join(json.dumps(row) + "\n" for row in state["history"]).encode())
     submissions = {}

@@ -1,0 +1,268 @@
+"""The run report: one self-contained HTML file (plots embedded as PNG).
+
+It shows the lineage of every stage (inputs, fingerprint, duration, counts, rejects), each
+benchmark's metric beside its baselines, training curves, a strip of frames from one take in
+every view with body keypoints and object masks drawn, and links to the submission files.
+Links are relative, so the run folder can be moved or synced as a whole.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import posixpath
+import time
+
+import numpy as np
+
+from engine import storage
+
+ROOT = "@@run-root@@/"      # stands for the path from the report to the run folder
+BONES = [("left-shoulder", "right-shoulder"), ("left-shoulder", "left-elbow"), ("left-elbow", "left-wrist"),
+         ("right-shoulder", "right-elbow"), ("right-elbow", "right-wrist"), ("left-shoulder", "left-hip"),
+         ("right-shoulder", "right-hip"), ("left-hip", "right-hip"), ("left-hip", "left-knee"),
+         ("left-knee", "left-ankle"), ("right-hip", "right-knee"), ("right-knee", "right-ankle")]
+
+
+def write(spec, out: str, url: str, records: list[dict], urls: dict[str, str]) -> dict:
+    """Render the report into ``url`` (this stage's folder) and ``<out>/report.html``."""
+    import matplotlib
+    matplotlib.use("Agg")
+
+    tasks = [_task_result(r) for r in records if r["kind"] == "task"]
+    sections = [
+        f"<h1>{html.escape(spec.name)}</h1><p>Run folder <code>{html.escape(out)}</code>, report written "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.</p>",
+        _metrics_section(tasks, out),
+        _curves_section(tasks),
+        _frames_section(urls.get("release"), spec.report),
+        _lineage_section(records, out),
+        _rejects_section(records),
+    ]
+    body = "\n".join(s for s in sections if s)
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(spec.name)}: ee4d run</title>"
+            f"<style>{STYLE}</style></head><body>{body}</body></html>")
+    fs, path = storage.filesystem(url)
+    out_fs, out_path = storage.filesystem(out)
+    here = posixpath.relpath(out_path, path) + "/"
+    storage.write_bytes_atomic(fs, storage.join(path, "report.html"), page.replace(ROOT, here).encode())
+    storage.write_bytes_atomic(out_fs, storage.join(out_path, "report.html"), page.replace(ROOT, "").encode())
+    return {"tasks": len(tasks), "metrics": {t["task"]: t.get("value") for t in tasks}}
+
+
+STYLE = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#222}
+table{border-collapse:collapse;margin:1em 0;font-size:14px}td,th{border:1px solid #ccc;padding:4px 8px;
+text-align:left;vertical-align:top}th{background:#f4f4f4}code{font-size:13px}.bad{color:#b00}
+img{max-width:100%}"""
+
+
+def _link(url: str, out: str, text: str) -> str:
+    """A link to a file inside the run folder (relative) or elsewhere (as given)."""
+    rel = posixpath.relpath(url, out) if url.startswith(out.rstrip("/") + "/") else None
+    href = ROOT + rel if rel else url
+    return f"<a href='{html.escape(href)}'>{html.escape(text)}</a>"
+
+
+def _task_result(record: dict) -> dict:
+    result = {"task": record["stage"].split("/", 1)[1], "record": record}
+    if record["status"] in ("failed", "blocked"):
+        return {**result, "error": record.get("error")}
+    fs, path = storage.filesystem(record["output"])
+    res = storage.read_json(fs, storage.join(path, "result.json"))
+    with fs.open(storage.join(path, "metrics.jsonl"), "rb") as f:
+        history = [json.loads(line) for line in f.read().decode().splitlines() if line.strip()]
+    submissions = [n for n in ("submission_val.json", "submission_test.json") if fs.exists(storage.join(path, n))]
+    return {**result, "metric": res["metric"], "value": res["val"][res["metric"]], "val": res["val"],
+            "baselines": res["baselines"], "best_epoch": res["best_epoch"], "epochs_run": res["epochs_run"],
+            "val_examples": res["val_examples"], "train_examples": res["train_examples"], "history": history,
+            "files": submissions + ["result.json", "model.pt", "metrics.jsonl"]}
+
+
+def _metrics_section(tasks: list[dict], out: str) -> str:
+    if not tasks:
+        return ""
+    rows = ["<tr><th>benchmark</th><th>metric (val)</th><th>value</th><th>baselines</th><th>other metrics</th>"
+            "<th>best epoch / run</th><th>train / val examples</th><th>files</th></tr>"]
+    for t in tasks:
+        if "error" in t:
+            rows.append(f"<tr><td>{t['task']}</td><td colspan='7' class='bad'>{html.escape(str(t['error']))}</td></tr>")
+            continue
+        base = "<br>".join(f"{k} {v:.4f}" for k, v in t["baselines"].items())
+        other = "<br>".join(f"{k} {_fmt(v)}" for k, v in t["val"].items() if k != t["metric"])
+        files = " ".join(_link(storage.join(t["record"]["output"], n), out, n) for n in t["files"])
+        rows.append(f"<tr><td>{t['task']}</td><td>{t['metric']}</td><td><b>{t['value']:.4f}</b></td><td>{base}</td>"
+                    f"<td>{other}</td><td>{t['best_epoch']} / {t['epochs_run']}</td>"
+                    f"<td>{t['train_examples']} / {t['val_examples']}</td><td>{files}</td></tr>")
+    return "<h2>Benchmarks</h2><table>" + "".join(rows) + "</table>"
+
+
+def _fmt(v) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else html.escape(str(v))
+
+
+def _curves_section(tasks: list[dict]) -> str:
+    import matplotlib.pyplot as plt
+
+    done = [t for t in tasks if t.get("history")]
+    if not done:
+        return ""
+    fig, axes = plt.subplots(1, len(done), figsize=(4.2 * len(done), 3.2), squeeze=False)
+    for ax, t in zip(axes[0], done):
+        epochs = [row["epoch"] for row in t["history"]]
+        ax.plot(epochs, [row["loss"] for row in t["history"]], color="tab:blue", label="train loss")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("train loss", color="tab:blue")
+        ax.set_title(t["task"], fontsize=10)
+        ax2 = ax.twinx()
+        ax2.plot(epochs, [row.get(t["metric"]) for row in t["history"]], color="tab:orange", label=t["metric"])
+        ax2.set_ylabel(f"val {t['metric']}", color="tab:orange")
+        ax2.axvline(t["best_epoch"], color="gray", linestyle=":", linewidth=1)
+    fig.tight_layout()
+    return "<h2>Training curves</h2>" + _png(fig)
+
+
+def _png(fig) -> str:
+    import matplotlib.pyplot as plt
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return f"<img alt='plot' src='data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}'>"
+
+
+def _lineage_section(records: list[dict], out: str) -> str:
+    rows = ["<tr><th>stage</th><th>status</th><th>fingerprint</th><th>inputs</th><th>seconds</th>"
+            "<th>counts</th><th>output</th></tr>"]
+    for r in records:
+        inputs = "<br>".join(f"{k} <code>{v}</code>" for k, v in r["inputs"].items())
+        counts = "<br>".join(f"{k} {_fmt(v)}" for k, v in r.get("counts", {}).items() if not isinstance(v, dict))
+        status = r.get("status", "ran")
+        if r.get("error"):
+            status = f"<span class='bad'>{status}: {html.escape(r['error'])}</span>"
+        rows.append(f"<tr><td>{r['stage']}</td><td>{status}</td><td><code>{r['fingerprint']}</code></td>"
+                    f"<td>{inputs}</td><td>{r['seconds']:.1f}</td><td>{counts}</td>"
+                    f"<td>{_link(r['output'], out, posixpath.basename(r['output']) or r['output'])}</td></tr>")
+    return ("<h2>Lineage</h2><p>Every stage's output folder is named by its fingerprint: a hash of its "
+            "configuration, its inputs' fingerprints and a format version.</p><table>" + "".join(rows) + "</table>")
+
+
+def _rejects_section(records: list[dict]) -> str:
+    parts = []
+    for r in records:
+        fs, path = storage.filesystem(r["output"])
+        if r["kind"] in ("shard", "features") and fs.exists(storage.join(path, "rejects.json")):
+            items = [(x.get("take_uid") or x.get("name"), x.get("reason")) for x in
+                     storage.read_json(fs, storage.join(path, "rejects.json"))]
+        elif r["kind"] == "validate" and fs.exists(storage.join(path, "report.json")):
+            report = storage.read_json(fs, storage.join(path, "report.json"))
+            items = [(p.get("take_uid") or p.get("file"), f"{p['code']}: {p['reason']}")
+                     for p in report["problems"] + [p for t in report["takes"].values() for p in t["problems"]]]
+        else:
+            continue
+        if items:
+            lis = "".join(f"<li><code>{html.escape(str(k))}</code>: {html.escape(str(v))}</li>" for k, v in items[:50])
+            more = f"<li>... and {len(items) - 50} more</li>" if len(items) > 50 else ""
+            parts.append(f"<h3>{r['stage']}: {len(items)}</h3><ul>{lis}{more}</ul>")
+    return "<h2>Rejects and problems</h2>" + "".join(parts) if parts else ""
+
+
+# ----------------------------------------------------------------------------- frames
+
+def _frames_section(release_url: str | None, params) -> str:
+    if not release_url:
+        return ""
+    try:
+        figure, caption = frame_strip(release_url, params.take, params.time)
+    except LookupError as e:
+        return f"<h2>Frames</h2><p>{html.escape(str(e))}</p>"
+    return f"<h2>Frames</h2><p>{html.escape(caption)}</p>" + _png(figure)
+
+
+def frame_strip(release_url: str, take: str | None = None, seconds: float | None = None):
+    """A matplotlib figure of one frame of one take in every view, with the manual body
+    keypoints and the relations object masks of that frame drawn; and its caption."""
+    import matplotlib.pyplot as plt
+
+    from engine.release import Release
+
+    release = Release.open(release_url)
+    split, chosen, poses, relations = _pick_take(release, take)
+    frame = _pick_frame(poses, relations, seconds)
+    views = [v for v in chosen.views("448")]
+    fig, axes = plt.subplots(1, len(views), figsize=(3.2 * len(views), 2.6), squeeze=False)
+    for ax, view in zip(axes[0], views):
+        image = _decode_frame(release, view.path, frame)
+        height, width = image.shape[:2]
+        full = _full_size(release, chosen, view)
+        sx, sy = width / full[0], height / full[1]
+        ax.imshow(image)
+        for i, (obj, tracks) in enumerate(sorted((relations.object_masks if relations else {}).items())):
+            mask = tracks.get(view.key, {}).get(frame)
+            if mask is not None:
+                m = mask.decode()
+                ax.contour(np.linspace(0, width, m.shape[1]), np.linspace(0, height, m.shape[0]), m,
+                           levels=[0.5], colors=[plt.cm.tab10(i % 10)], linewidths=1.5)
+        joints = poses.get(frame).joints2d.get(view.cam_id, {}) if poses.get(frame) else {}
+        for a, b in BONES:
+            if a in joints and b in joints:
+                ax.plot([joints[a][0] * sx, joints[b][0] * sx], [joints[a][1] * sy, joints[b][1] * sy],
+                        color="lime", linewidth=1)
+        if joints:
+            xy = np.array(list(joints.values()))
+            ax.scatter(xy[:, 0] * sx, xy[:, 1] * sy, s=6, color="yellow")
+        ax.set_title(view.key, fontsize=9)
+        ax.axis("off")
+    fig.tight_layout()
+    caption = (f"Take {chosen.take_name} ({chosen.take_uid}, {split}), frame {frame} ({frame / 30:.2f} s), "
+               f"{len(views)} views: body keypoints (manual annotation) and object masks (relations).")
+    return fig, caption
+
+
+def _pick_take(release, wanted: str | None):
+    """(split, take, body poses by frame, relations) of the wanted take, or the first take by
+    name that has both body keypoints and object masks."""
+    by_uid = {t.take_uid: t for t in release.takes()}
+    candidates = []
+    for split in ("val", "train", "test"):
+        try:
+            relations = release.relations(split)
+        except FileNotFoundError:
+            relations = {}
+        for uid in release.ego_pose_takes(split, "body"):
+            if uid in by_uid:
+                candidates.append((uid not in relations, by_uid[uid].take_name, split, uid, relations.get(uid)))
+    if wanted:
+        candidates = [c for c in candidates if wanted in (c[1], c[3])]
+        if not candidates:
+            raise LookupError(f"take {wanted!r} has no body keypoints in this release")
+    if not candidates:
+        raise LookupError("no take in this release has body keypoints to draw")
+    _, _, split, uid, relations = min(candidates, key=lambda c: c[:2])
+    return split, by_uid[uid], release.ego_pose(split, "body", uid), relations
+
+
+def _pick_frame(poses: dict, relations, seconds: float | None) -> int:
+    frames = sorted(poses)
+    if seconds is not None:
+        return min(frames, key=lambda f: abs(f - seconds * 30))
+    masked = set()
+    for tracks in (relations.object_masks.values() if relations else []):
+        for per_view in tracks.values():
+            masked |= set(per_view)
+    both = [f for f in frames if f in masked]
+    return (both or frames)[len(both or frames) // 2]
+
+
+def _decode_frame(release, path: str, frame: int) -> np.ndarray:
+    from engine import video
+    with release.open_file(path) as f:
+        return video.decode_at(f.read(), [frame])[frame]
+
+
+def _full_size(release, take, view) -> tuple[int, int]:
+    """The full-resolution (width, height) of a view: annotations are in its pixels."""
+    from engine import video
+    full = next(v for v in take.views("full") if v.key == view.key)
+    with release.open_file(full.path) as f:
+        info = video.probe(f, check_tail=False)
+    return info.width, info.height

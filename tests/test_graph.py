@@ -1,0 +1,191 @@
+"""The graph end to end: the demo spec on a local Ray, reruns that reuse stages, a malformed
+spec, and the same spec submitted to a two-node cluster (killed once, then resubmitted)
+through the Jobs API, whose outputs must equal the local run's."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from engine.graph import spec as specs
+
+REPO = Path(__file__).resolve().parents[1]
+# The demo spec, shrunk: 10 takes of 4 s hold val examples for every benchmark.
+SMALL = ["release.synth.preset=tiny", "release.synth.takes=10", "release.synth.seconds=4"] + [
+    f"tasks.{t}.epochs=4" for t in ("keystep_recognition", "demonstrator_proficiency", "demonstration_proficiency")]
+
+
+def ee4d(*args, check=True, **kwargs) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.run([sys.executable, "-m", "engine", *args], cwd=REPO, env={**env, **kwargs.pop("env", {})},
+                          capture_output=True, text=True, **kwargs)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"ee4d {' '.join(args)} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def sets(items: list[str]) -> list[str]:
+    return [a for item in items for a in ("--set", item)]
+
+
+def statuses(out: Path) -> dict[str, str]:
+    return {s["stage"]: s["status"] for s in json.loads((out / "run.json").read_text())["stages"]}
+
+
+def outputs(out: Path) -> dict:
+    """What a run produced, by content: shard samples, feature vectors, val metrics, submissions."""
+    run = json.loads((out / "run.json").read_text())
+    folders = {s["stage"]: Path(s["output"]) for s in run["stages"]}
+    manifest = pq.read_table(folders["shard"] / "manifest.parquet").to_pydict()
+    found = {"samples": dict(zip(manifest["key"], manifest["sha256"])),
+             "features": {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+                          for p in sorted(folders["features"].glob("*.pt"))}}
+    for stage, folder in folders.items():
+        if stage.startswith("task/"):
+            found[stage] = {"val": json.loads((folder / "result.json").read_text())["val"],
+                            "submission": json.loads((folder / "submission_val.json").read_text())}
+    return found
+
+
+def reported_metrics(out: Path) -> dict[str, str]:
+    """Benchmark -> the val metric as the report's table shows it."""
+    rows = re.findall(r"<tr><td>(\w+)</td><td>(\w+)</td><td><b>([0-9.]+)</b></td>", (out / "report.html").read_text())
+    return {task: f"{metric} {value}" for task, metric, value in rows}
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("graph") / "demo"
+    proc = ee4d("run", "jobs/demo.yaml", "--out", str(out), *sets(SMALL))
+    assert f"report: {out}/report.html" in proc.stdout
+    return out
+
+
+def test_the_demo_spec_runs_end_to_end_and_reports_every_benchmark(demo_run):
+    assert set(statuses(demo_run).values()) == {"ran"}
+    report = (demo_run / "report.html").read_text()
+    for stage, found in outputs(demo_run).items():
+        if stage.startswith("task/"):
+            folder = next(demo_run.glob(f"tasks/{stage[5:]}/*/result.json")).parent
+            result = json.loads((folder / "result.json").read_text())
+            metric = result["metric"]
+            assert found["val"][metric] == result["val"][metric]
+            assert f"<td>{stage[5:]}</td><td>{metric}</td><td><b>{result['val'][metric]:.4f}</b></td>" in report
+            for name, value in result["baselines"].items():
+                assert f"{name} {value:.4f}" in report
+            # Links are relative to the run folder and lead to the files.
+            assert f"href='{folder.relative_to(demo_run)}/submission_val.json'" in report
+    assert len(reported_metrics(demo_run)) == 3
+    assert report.count("data:image/png;base64,") == 2      # training curves and the strip of frames
+    assert "frame" in report and "body keypoints" in report
+    for record in json.loads((demo_run / "run.json").read_text())["stages"]:
+        assert (Path(record["output"]) / "lineage.json").exists()
+        assert record["stage"] == "report" or record["fingerprint"] in report
+
+
+def test_a_rerun_reuses_every_stage_and_a_changed_task_reruns_only_it_and_the_report(demo_run):
+    before = {p: p.stat().st_mtime_ns for p in demo_run.rglob("*") if p.is_file() and p.name != "run.json"}
+    proc = ee4d("run", "jobs/demo.yaml", "--out", str(demo_run), *sets(SMALL))
+    assert set(statuses(demo_run).values()) == {"reused"}, proc.stdout
+    assert {p: p.stat().st_mtime_ns for p in before} == before
+
+    changed = SMALL + ["tasks.demonstrator_proficiency.lr=0.003"]
+    ee4d("run", "jobs/demo.yaml", "--out", str(demo_run), *sets(changed))
+    ran = {stage for stage, status in statuses(demo_run).items() if status == "ran"}
+    assert ran == {"task/demonstrator_proficiency", "report"}
+    assert len(list(demo_run.glob("tasks/demonstrator_proficiency/*/lineage.json"))) == 2   # the old one is kept
+
+    ee4d("run", "jobs/demo.yaml", "--out", str(demo_run), *sets(SMALL))    # back to the first values
+    assert set(statuses(demo_run).values()) == {"reused"}
+
+
+@pytest.mark.parametrize("notebook", sorted(p.name for p in (REPO / "notebooks").glob("*.ipynb")))
+def test_notebooks_execute_on_the_demo_run(demo_run, notebook, monkeypatch):
+    import nbformat
+    from nbclient import NotebookClient
+
+    monkeypatch.setenv("EE4D_RUN", str(demo_run))
+    book = nbformat.read(REPO / "notebooks" / notebook, as_version=4)
+    NotebookClient(book, timeout=300, kernel_name="python3",
+                   resources={"metadata": {"path": str(REPO / "notebooks")}}).execute()
+    outputs = [o for cell in book.cells if cell.cell_type == "code" for o in cell.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    assert any(o.output_type == "display_data" and "image/png" in o.data for o in outputs)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("tasks.keystep_recognition.epochs=many", "tasks.keystep_recognition.epochs: expected an integer, got 'many'"),
+    ("shard.mode=copy", "shard: mode must be one of remux, transcode, frames"),
+    ("tasks.pose=1", "tasks.pose: unknown benchmark"),
+    ("features.bacth_size=4", "features.bacth_size: unknown key; keys are"),
+    ("release.url=/data/egoexo", "release: give exactly one of url"),
+])
+def test_a_malformed_spec_fails_at_once_naming_the_key(tmp_path, override, message):
+    proc = ee4d("run", "jobs/demo.yaml", "--out", str(tmp_path / "never"), "--set", override, check=False)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert not (tmp_path / "never").exists()
+
+
+def test_every_shipped_spec_parses():
+    for path in sorted((REPO / "jobs").glob("*.yaml")):
+        spec = specs.load(str(path), local=False)
+        assert spec.tasks and spec.report is not None, path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def local_cluster():
+    """The two-node cluster of cluster/local.sh (head and worker, one CPU each, token auth)."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "EE4D_RAY_PORT": str(_free_port()), "EE4D_DASHBOARD_PORT": str(_free_port())}
+    subprocess.run(["cluster/local.sh", "start"], cwd=REPO, env=env, check=True, capture_output=True, timeout=180)
+    try:
+        yield f"http://127.0.0.1:{env['EE4D_DASHBOARD_PORT']}"
+    finally:
+        subprocess.run(["cluster/local.sh", "stop"], cwd=REPO, env=env, capture_output=True, timeout=120)
+
+
+def test_submitted_to_a_two_node_cluster_killed_and_resubmitted_it_matches_the_local_run(
+        demo_run, local_cluster, tmp_path):
+    out = tmp_path / "submitted"
+    release = next(demo_run.glob("release/*/takes.json")).parent
+    args = sets(SMALL + [f"release.url={release}", "release.synth=null"])
+    auth = {"RAY_AUTH_MODE": "token"}
+    first = ee4d("submit", "jobs/demo.yaml", "--address", local_cluster, "--out", str(out), "--job-id", "first",
+                 *args, env=auth)
+    assert "submitted first" in first.stdout
+    # Kill the job's driver (and the Ray work it started) once features are partly written.
+    deadline = time.time() + 300
+    while not list(out.glob("features/*/*.pt")) and time.time() < deadline:
+        time.sleep(0.1)
+    assert list(out.glob("features/*/*.pt")), ee4d("logs", "first", "--address", local_cluster, env=auth).stdout
+    stopped = ee4d("stop", "first", "--address", local_cluster, env=auth)
+    assert "first: STOPPED" in stopped.stdout
+    assert not (out / "run.json").exists()
+    assert "first: STOPPED" in ee4d("status", "first", "--address", local_cluster, env=auth).stdout
+
+    second = ee4d("submit", "jobs/demo.yaml", "--address", local_cluster, "--out", str(out), "--job-id", "second",
+                  "--wait", *args, env=auth)
+    assert "second: SUCCEEDED" in second.stdout
+    assert "features: done before" not in second.stdout and "shard: done before, reused" in second.stdout
+    logs = ee4d("logs", "second", "--address", local_cluster, env=auth).stdout
+    # The feature stage found the take views the first job had finished, and kept them.
+    assert int(re.search(r"(\d+) take views already written", logs).group(1)) > 0, logs
+    assert outputs(out) == outputs(demo_run)
+    assert reported_metrics(out) == reported_metrics(demo_run)
+    nodes = json.loads(next(out.glob("shards/*/stage.json")).read_text())["nodes"]
+    assert len(nodes) == 2               # shards were written on both nodes

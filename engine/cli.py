@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import sys
 import time
@@ -128,8 +129,8 @@ def _run(args) -> int:
     except graph.GraphError as e:
         print(f"ee4d run: {e}", file=sys.stderr)
         return 1
-    ran = sum(s["status"] == "ran" for s in result["stages"])
-    print(f"run {spec.name}: {ran} stages ran, {len(result['stages']) - ran} reused, {result['seconds']:.1f} s")
+    counts = collections.Counter(s["status"] for s in result["stages"])
+    print(f"run {spec.name}: {', '.join(f'{n} {status}' for status, n in counts.items())} in {result['seconds']:.1f} s")
     if result["report"]:
         print(f"report: {result['report']}")
     return 0

@@ -38,6 +38,11 @@ class SpecError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
+class RayParams:
+    address: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class SynthParams:
     preset: str = "default"
     takes: int | None = None
@@ -219,11 +224,6 @@ def parse(raw: dict, where: str = "spec", local: bool = True) -> Spec:
                 features=features, tasks=tasks, report=report, source=raw)
 
 
-@dataclasses.dataclass(frozen=True)
-class RayParams:
-    address: str | None = None
-
-
 def _tasks(raw: dict, where: str) -> dict[str, TaskParams]:
     from engine.tasks import TASKS
     out = {}
@@ -292,5 +292,7 @@ def _typed(value: Any, hint, where: str):
         return value
     if hint in (str, bool) and isinstance(value, hint):
         return value
+    if hint is str and isinstance(value, int) and not isinstance(value, bool):
+        return str(value)      # resolution: 448 written without quotes
     names = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
     raise SpecError(f"{where}: expected {names.get(hint, hint)}, got {value!r}")

@@ -89,7 +89,7 @@ def plan(spec: Spec, out: str | None = None) -> tuple[list[Stage], dict[str, str
                             {"release": release.fingerprint}, _validate,
                             identity={"resolution": spec.validate.resolution}))
     if spec.shard:
-        stages.append(Stage("shard", "shard", spec.shard.config().to_json(), {"release": release.fingerprint},
+        stages.append(Stage("shard", "shard", spec.shard.to_json(), {"release": release.fingerprint},
                             _shard, needs_ray=True))
     if spec.features:
         from engine.features import models
@@ -252,7 +252,7 @@ def _shard(ctx: Context, stage: Stage) -> dict:
     url = ctx.urls[stage.name]
     from engine.shards import job
 
-    manifest = job.run(ctx.urls["release"], url, ctx.spec.shard.config(), progress=True)
+    manifest = job.run(ctx.urls["release"], url, ctx.spec.shard, progress=True)
     return {"samples": manifest["samples"], "shards": sum(map(len, manifest["shards"].values())),
             "bytes": manifest["bytes"], "video_seconds": manifest["video_seconds"], "rejects": manifest["rejects"]}
 

@@ -64,27 +64,6 @@ class ValidateParams:
 
 
 @dataclasses.dataclass(frozen=True)
-class ShardParams:
-    """ShardConfig's fields, with the shard size in MB as on the command line."""
-    splits: tuple[str, ...] = ("train", "val", "test")
-    views: str = "all"
-    window: float = 8.0
-    stride: float | None = None
-    mode: str = "remux"
-    resolution: str = "448"
-    short_side: int | None = None
-    fps: float | None = None
-    gop: int = 30
-    shard_mb: float = 1000.0
-
-    def config(self) -> ShardConfig:
-        fields = dataclasses.asdict(self)
-        fields["shard_bytes"] = int(fields.pop("shard_mb") * 1e6)
-        fields["splits"] = tuple(fields["splits"])
-        return ShardConfig(**fields)
-
-
-@dataclasses.dataclass(frozen=True)
 class FeatureParams:
     """The model as on the command line (name, weights, input, frames, size) plus FeatureConfig's fields."""
     model: str = "tiny_video"
@@ -130,7 +109,7 @@ class Spec:
     address: str | None
     release: ReleaseParams
     validate: ValidateParams | None
-    shard: ShardParams | None
+    shard: ShardConfig | None
     features: FeatureParams | None
     tasks: dict[str, TaskParams]
     report: ReportParams | None
@@ -200,28 +179,37 @@ def parse(raw: dict, where: str = "spec", local: bool = True) -> Spec:
     if extra:
         raise SpecError(f"{where}: release.{sorted(extra)[0]}: unknown key; keys are url, synth")
 
-    def section(key, cls):
+    def section(key, build):
         if key not in raw or raw[key] is False:
             return None
-        return _build(cls, _mapping(raw[key], f"{where}: {key}"), f"{where}: {key}")
+        return build(_mapping(raw[key], f"{where}: {key}"), f"{where}: {key}")
 
-    validate, shard, features, report = (section("validate", ValidateParams), section("shard", ShardParams),
-                                         section("features", FeatureParams), section("report", ReportParams))
+    validate, shard, features, report = (
+        section("validate", lambda v, w: _build(ValidateParams, v, w)), section("shard", _shard_config),
+        section("features", lambda v, w: _build(FeatureParams, v, w)),
+        section("report", lambda v, w: _build(ReportParams, v, w)))
     tasks = _tasks(_mapping(raw.get("tasks"), f"{where}: tasks"), where)
     if features and not shard:
         raise SpecError(f"{where}: features: needs a shard section (features are computed from shards)")
     if tasks and not features:
         raise SpecError(f"{where}: tasks: need a features section (benchmarks train on features)")
-    # Build every stage config now, so their own checks (a mode, a model name, a weights
-    # file) fail before any stage runs.
-    for key, params in (("shard", shard), ("features", features if local else None)):
-        if params:
-            try:
-                params.config()
-            except ValueError as e:
-                raise SpecError(f"{where}: {key}: {e}") from None
+    # Resolve the model now, so a wrong name or a missing weights file fails before any
+    # stage runs.
+    if features and local:
+        try:
+            features.config()
+        except ValueError as e:
+            raise SpecError(f"{where}: features: {e}") from None
     return Spec(name=name, out=out, address=address, release=release, validate=validate, shard=shard,
                 features=features, tasks=tasks, report=report, source=raw)
+
+
+def _shard_config(values: dict, where: str) -> ShardConfig:
+    """ShardConfig's fields, with the shard size also accepted in MB as on the command line."""
+    values = dict(values)
+    if "shard_mb" in values:
+        values["shard_bytes"] = int(_typed(values.pop("shard_mb"), float, f"{where}.shard_mb") * 1e6)
+    return _build(ShardConfig, values, where, extra_keys={"shard_mb"})
 
 
 def _tasks(raw: dict, where: str) -> dict[str, TaskParams]:

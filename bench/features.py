@@ -26,7 +26,8 @@ import numpy as np
 import ray
 
 from engine.features import job, models
-from engine.release import Release, synth
+from engine.miniature import synth
+from engine.release import Release
 from engine.shards import job as shard_job
 from engine.shards.plan import ShardConfig
 
@@ -53,7 +54,7 @@ def main() -> None:
     ray.init(log_to_driver=False, configure_logging=False)
     shards = work / "shards"
     # 2 MB shards: several decode tasks, as a real release's hundreds of shards give.
-    shard_job.run(str(release_root), str(shards), ShardConfig(shard_bytes=2_000_000), progress=False)
+    shard_job.run(str(release_root), str(shards), ShardConfig(shard_mb=2), progress=False)
     spec = models.resolve(args.model)
     config = job.FeatureConfig(model=spec, batch_size=args.batch_size)
     release = Release.open(str(release_root))
@@ -103,9 +104,9 @@ def main() -> None:
 
 
 def _stage(shards: Path):
-    from engine import storage
+    from engine import stage, storage
     fs, path = storage.filesystem(str(shards))
-    return fs, path, str(shards), storage.read_json(fs, storage.join(path, "stage.json"))
+    return fs, path, str(shards), stage.finished(str(shards), "shard")["result"]
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ import time
 import uuid
 from pathlib import Path
 
-from engine.release import Release, synth
+from engine.miniature import synth
+from engine.release import Release
 
 
 def build(root: Path, n: int) -> None:

@@ -25,7 +25,8 @@ import time
 from pathlib import Path
 
 from engine import video
-from engine.release import Release, synth
+from engine.miniature import synth
+from engine.release import Release
 
 REAL_VIEW_HOURS = 1286.0     # frame-aligned video in the real release
 REAL_448_GB = 438.6          # its downscaled/448 part

@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from engine.release import synth
+from engine.miniature import synth
 from engine.video import VideoWriter
 
 

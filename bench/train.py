@@ -17,10 +17,11 @@ import numpy as np
 import ray
 import torch
 
+from engine.features.store import FeatureStore
 from engine.release import Release
-from engine.tasks import TASKS
-from engine.tasks.base import Examples, FeatureStore, feature_scale
-from engine.train.loop import TrainConfig, fit, train_epoch
+from engine.tasks import TASKS, TrainConfig
+from engine.tasks.base import Examples, feature_scale
+from engine.train.loop import fit, train_epoch
 
 
 def plain_loop(task, train: Examples, classes: int, config: TrainConfig) -> list[float]:

@@ -60,6 +60,11 @@ def _stop_io_thread() -> None:
     thread.join(timeout=5)
 
 
+def absolute(url: str) -> str:
+    """A local path made absolute (records name their inputs and outputs from any cwd); URLs as given."""
+    return url if "://" in url else os.path.abspath(url)
+
+
 def join(*parts: str) -> str:
     return posixpath.join(*parts)
 
@@ -92,16 +97,3 @@ def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) ->
 def write_json_atomic(fs: fsspec.AbstractFileSystem, path: str, obj: Any) -> None:
     write_bytes_atomic(fs, path, json.dumps(obj, indent=1).encode())
 
-
-def claim(fs: fsspec.AbstractFileSystem, out: str, wanted: dict) -> None:
-    """Write ``<out>/_config.json`` first, or check that it matches: one output location holds
-    one configuration, so a resumed job never mixes two. ``wanted`` carries ``fingerprint`` and
-    ``source`` (what the stage reads)."""
-    path = join(out, "_config.json")
-    if fs.exists(path):
-        existing = read_json(fs, path)
-        if (existing.get("fingerprint"), existing.get("source")) != (wanted["fingerprint"], wanted["source"]):
-            raise ValueError(f"{out} holds the output of another configuration or input ({path}); "
-                             "use a new output location")
-        return
-    write_json_atomic(fs, path, wanted)

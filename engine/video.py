@@ -1,17 +1,97 @@
-"""Every PyAV encode, decode and probe of the engine goes through here."""
+"""Every PyAV encode, decode and probe of the engine goes through here.
+
+This is the package's one PyAV import (the miniature release generator aside): PyAV's errors
+leave it as ``VideoError``, and the frame arithmetic every reader and writer must agree on is
+written here once: which source frame a time shows (``source_frame``), which frames a reader
+at a lower rate keeps (``frames_at_rate``), how to seek to a frame (``_seek_frame``) and the
+size with a given short side (``short_side_size``).
+"""
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import io
+from collections.abc import Iterator
 from fractions import Fraction
-from typing import IO, Iterator
+from typing import IO
 
 import av
 import numpy as np
 
+from engine.errors import ContentError
 
-class VideoError(Exception):
-    """A video could not be opened or decoded; the message says why."""
+
+class VideoError(ContentError):
+    """A video could not be opened, decoded or encoded; the message says why."""
+
+
+def _video_errors(fn):
+    """PyAV's errors raised in ``fn`` (a function or a generator function) leave as VideoError."""
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def generator(*args, **kwargs):
+            try:
+                yield from fn(*args, **kwargs)
+            except av.error.FFmpegError as e:
+                raise VideoError(str(e)) from e
+        return generator
+
+    @functools.wraps(fn)
+    def function(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except av.error.FFmpegError as e:
+            raise VideoError(str(e)) from e
+    return function
+
+
+# ----------------------------------------------------------------------------- frame arithmetic
+
+def source_frame(t: float, fps: float) -> int:
+    """The source frame on screen at time t (seconds): frame i covers [i/fps, (i+1)/fps)."""
+    return int(np.floor(t * fps + 1e-6))
+
+
+def frames_at_rate(start: int, end: int, src_fps: float, fps: float | None) -> list[int]:
+    """The source frames of [start, end) that a reader at ``fps`` shows: the one on screen every
+    ``1/fps`` s from ``start``; every frame when ``fps`` is None or not below ``src_fps``."""
+    if fps is None or fps >= src_fps:
+        return list(range(start, end))
+    n = int(np.floor((end - start) / src_fps * fps - 1e-9)) + 1
+    return sorted({f for f in (start + source_frame(k / fps, src_fps) for k in range(n)) if f < end})
+
+
+def short_side_size(width: int, height: int, short: int | None, at_least: bool = False) -> tuple[int, int]:
+    """(width, height) scaled so the short side is ``short``, aspect kept, each rounded to an even
+    size (as the scaler and yuv420p like); unchanged for None. ``at_least``: neither side below
+    ``short`` (an odd ``short`` stays odd), so a ``short`` x ``short`` centre crop fits."""
+    if not short:
+        return width, height
+    scale = short / min(width, height)
+    w, h = 2 * round(width * scale / 2), 2 * round(height * scale / 2)
+    return (max(short, w), max(short, h)) if at_least else (w, h)
+
+
+def _rate(stream) -> Fraction:
+    return stream.average_rate or stream.guessed_rate
+
+
+def frame_index_of_pts(pts: int, stream) -> int:
+    """Index of the frame with timestamp ``pts`` on the video's own timeline (0 = first frame)."""
+    return int(round(float((pts - (stream.start_time or 0)) * stream.time_base * _rate(stream))))
+
+
+def frame_index(frame: av.VideoFrame, stream) -> int:
+    """Index of a decoded frame on the video's own timeline (0 = first frame)."""
+    return frame_index_of_pts(frame.pts, stream)
+
+
+def _seek_frame(container, stream, frame: int) -> None:
+    """Position ``container`` at the keyframe at or before frame ``frame`` of ``stream``
+    (exact arithmetic: the target never passes the frame's own timestamp)."""
+    container.seek(int((stream.start_time or 0) + frame / _rate(stream) / stream.time_base),
+                   stream=stream, backward=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +113,7 @@ def _open(source: str | IO[bytes]):
         raise VideoError(f"cannot open as video: {e}") from e
 
 
+@_video_errors
 def probe(source: str | IO[bytes], check_tail: bool = True) -> VideoInfo:
     """Read a video's header, decode its first frame and, cheaply, prove its tail is there.
 
@@ -44,7 +125,7 @@ def probe(source: str | IO[bytes], check_tail: bool = True) -> VideoInfo:
             raise VideoError("no video stream")
         stream = container.streams.video[0]
         ctx = stream.codec_context
-        fps = float(stream.average_rate or stream.guessed_rate or 0)
+        fps = float(_rate(stream) or 0)
         duration = float(stream.duration * stream.time_base) if stream.duration else (
             container.duration / av.time_base if container.duration else 0.0)
         frames = stream.frames or int(round(duration * fps))
@@ -66,13 +147,7 @@ def probe(source: str | IO[bytes], check_tail: bool = True) -> VideoInfo:
         return info
 
 
-def frame_index(frame: av.VideoFrame, stream) -> int:
-    """Index of a decoded frame on the video's own timeline (0 = first frame)."""
-    start = stream.start_time or 0
-    fps = stream.average_rate or stream.guessed_rate
-    return int(round(float((frame.pts - start) * stream.time_base * fps)))
-
-
+@_video_errors
 def decode(source: str | IO[bytes], size: tuple[int, int] | None = None,
            indices: set[int] | None = None) -> Iterator[tuple[int, np.ndarray]]:
     """Yield ``(frame_index, rgb uint8 [H, W, 3])`` in order, optionally resized to (W, H)."""
@@ -86,9 +161,20 @@ def decode(source: str | IO[bytes], size: tuple[int, int] | None = None,
                 if last is not None and i > last:
                     break
                 continue
-            if size:
-                frame = frame.reformat(width=size[0], height=size[1])
-            yield i, frame.to_ndarray(format="rgb24")
+            yield i, _rgb(frame, size)
+
+
+def _rgb(frame: av.VideoFrame, size: tuple[int, int] | None = None) -> np.ndarray:
+    """A decoded frame as rgb uint8 [H, W, 3], optionally resized to (W, H) first."""
+    if size:
+        frame = frame.reformat(width=size[0], height=size[1])
+    return frame.to_ndarray(format="rgb24")
+
+
+@_video_errors
+def resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """An rgb uint8 [H, W, 3] image resized to (W, H)."""
+    return _rgb(av.VideoFrame.from_ndarray(image, format="rgb24"), size)
 
 
 class VideoWriter:
@@ -98,6 +184,7 @@ class VideoWriter:
     encoded streams, not on when the encoders happened to return packets.
     """
 
+    @_video_errors
     def __init__(self, target: str | IO[bytes], width: int, height: int, fps: int = 30,
                  crf: int = 24, gop: int = 250, preset: str = "veryfast",
                  audio: np.ndarray | None = None, audio_rate: int = 48000):
@@ -117,6 +204,7 @@ class VideoWriter:
             self.audio_stream = self.container.add_stream("aac", rate=audio_rate)
             self.audio_stream.layout = "mono" if self.audio.shape[0] == 1 else "stereo"
 
+    @_video_errors
     def write(self, image: np.ndarray | av.VideoFrame) -> None:
         """Append one frame (RGB array or PyAV frame), resized to the stream's size if needed."""
         frame = image if isinstance(image, av.VideoFrame) else av.VideoFrame.from_ndarray(image, format="rgb24")
@@ -141,6 +229,7 @@ class VideoWriter:
             self.packets += self.audio_stream.encode(frame)
         self.packets += self.audio_stream.encode(None)
 
+    @_video_errors
     def close(self) -> None:
         self.packets += self.stream.encode(None)
         if self.audio is not None:
@@ -174,34 +263,30 @@ def _copy_packets(source, start_frame: int, end_frame: int):
     every packet that frames before ``end_frame`` need (they precede, in decode order, the
     first packet whose dts reaches ``end_frame``)."""
     container = _open(source)
-    stream = container.streams.video[0]
-    fps = stream.average_rate or stream.guessed_rate
-    start_pts = int((stream.start_time or 0) + start_frame / fps / stream.time_base)
-    container.seek(start_pts, stream=stream, backward=True)
-    packets = []
-    for packet in container.demux(stream):
-        if packet.dts is None:
-            continue
-        if not packets and not packet.is_keyframe:
-            continue
-        dts_index = int(round(float((packet.dts - (stream.start_time or 0)) * stream.time_base * fps)))
-        if dts_index >= end_frame:
-            break
-        packets.append(packet)
-    if not packets or frame_index_of_pts(packets[0].pts, stream) > start_frame:
+    try:
+        stream = container.streams.video[0]
+        _seek_frame(container, stream, start_frame)
+        packets = []
+        for packet in container.demux(stream):
+            if packet.dts is None:
+                continue
+            if not packets and not packet.is_keyframe:
+                continue
+            if frame_index_of_pts(packet.dts, stream) >= end_frame:
+                break
+            packets.append(packet)
+        if not packets or frame_index_of_pts(packets[0].pts, stream) > start_frame:
+            raise VideoError(f"no keyframe at or before frame {start_frame}")
+    except BaseException:
         container.close()
-        raise VideoError(f"no keyframe at or before frame {start_frame}")
+        raise
     # Frames past the window that no kept frame follows (so none references them) are dropped.
     while frame_index_of_pts(packets[-1].pts, stream) >= end_frame:
         packets.pop()
     return container, stream, packets
 
 
-def frame_index_of_pts(pts: int, stream) -> int:
-    fps = stream.average_rate or stream.guessed_rate
-    return int(round(float((pts - (stream.start_time or 0)) * stream.time_base * fps)))
-
-
+@_video_errors
 def remux(source, start_frame: int, end_frame: int) -> Clip:
     """Copy the packets covering [start_frame, end_frame) into a new mp4, without re-encoding.
 
@@ -228,19 +313,12 @@ def remux(source, start_frame: int, end_frame: int) -> Clip:
 
 
 def _window_frames(source, start_frame: int, end_frame: int, fps: float | None):
-    """Decode [start_frame, end_frame), keeping the source frames nearest a ``fps`` grid."""
+    """Decode [start_frame, end_frame), keeping the source frames a reader at ``fps`` shows."""
     with _open(source) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
-        src_fps = float(stream.average_rate or stream.guessed_rate)
-        if fps is None or fps >= src_fps:
-            wanted = list(range(start_frame, end_frame))
-        else:
-            n = int(np.floor((end_frame - start_frame) / src_fps * fps - 1e-9)) + 1
-            wanted = sorted({start_frame + int(np.floor(k * src_fps / fps + 1e-9)) for k in range(n)})
-        wanted_set = set(wanted)
-        container.seek(int((stream.start_time or 0) + start_frame / src_fps / stream.time_base),
-                       stream=stream, backward=True)
+        wanted_set = set(frames_at_rate(start_frame, end_frame, float(_rate(stream)), fps))
+        _seek_frame(container, stream, start_frame)
         for frame in container.decode(stream):
             i = frame_index(frame, stream)
             if i >= end_frame:
@@ -249,14 +327,7 @@ def _window_frames(source, start_frame: int, end_frame: int, fps: float | None):
                 yield i, frame
 
 
-def short_side_size(width: int, height: int, short: int | None) -> tuple[int, int]:
-    """(width, height) scaled so the short side is ``short`` (even sizes); unchanged for None."""
-    if not short:
-        return width, height
-    scale = short / min(width, height)
-    return int(round(width * scale / 2) * 2), int(round(height * scale / 2) * 2)
-
-
+@_video_errors
 def transcode(source, start_frame: int, end_frame: int, short_side: int | None = None,
               fps: float | None = None, gop: int = 30, crf: int = 23, preset: str = "veryfast") -> Clip:
     """Re-encode exactly [start_frame, end_frame): a keyframe on the window's first frame."""
@@ -275,6 +346,7 @@ def transcode(source, start_frame: int, end_frame: int, short_side: int | None =
     return Clip(buf.getvalue(), frames, width, height)
 
 
+@_video_errors
 def jpeg_frames(source, start_frame: int, end_frame: int, short_side: int | None = None,
                 fps: float | None = None, quality: int = 3) -> Clip:
     """One JPEG per kept frame of [start_frame, end_frame), at ``fps`` and ``short_side``."""
@@ -294,11 +366,15 @@ def jpeg_frames(source, start_frame: int, end_frame: int, short_side: int | None
     return Clip(images, frames, width, height)
 
 
-def decode_jpeg(data: bytes) -> np.ndarray:
+@_video_errors
+def decode_jpeg(data: bytes, size: tuple[int, int] | None = None) -> np.ndarray:
+    """One JPEG as rgb uint8 [H, W, 3], optionally resized to (W, H) (from the rgb image)."""
     ctx = av.CodecContext.create("mjpeg", "r")
-    return ctx.decode(av.Packet(data))[0].to_ndarray(format="rgb24")
+    image = ctx.decode(av.Packet(data))[0].to_ndarray(format="rgb24")
+    return resize(image, size) if size else image
 
 
+@_video_errors
 def decode_at(data: bytes, wanted: list[int], size: tuple[int, int] | None = None) -> dict[int, np.ndarray]:
     """Decode the frames of an in-memory video at the given indices (its own 0-based indices).
 
@@ -316,21 +392,19 @@ def decode_at(data: bytes, wanted: list[int], size: tuple[int, int] | None = Non
         for target in targets:
             later_key = max((k for k in keyframes if k <= target), default=0)
             if position is None or later_key > position or target < position:
-                container.seek(int((stream.start_time or 0) + later_key / float(stream.average_rate)
-                                   / stream.time_base), stream=stream, backward=True)
+                _seek_frame(container, stream, later_key)
                 frames = container.decode(stream)
             for frame in frames:
                 position = frame_index(frame, stream) + 1
                 if position - 1 == target:
-                    if size:
-                        frame = frame.reformat(width=size[0], height=size[1])
-                    out[target] = frame.to_ndarray(format="rgb24")
+                    out[target] = _rgb(frame, size)
                     break
             if target not in out:
                 raise VideoError(f"frame {target} not in clip")
     return out
 
 
+@_video_errors
 def decode_audio(source, start: float, end: float) -> tuple[np.ndarray, int]:
     """Audio samples in [start, end) seconds as float32 [channels, samples], and the rate.
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.release import synth
+from engine.miniature import synth
 
 # Scenarios of the learnability release: procedural ones carry keystep labels.
 PROCEDURAL = ["Cooking", "Health", "Bike Repair"]

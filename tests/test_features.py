@@ -22,7 +22,8 @@ import torch
 
 from engine import cli
 from engine.features import job, models
-from engine.features.windows import feature_name, feature_windows, video_windows
+from engine.features.store import feature_name
+from engine.features.windows import feature_windows, video_windows
 from engine.release import Release
 from engine.shards import job as shard_job
 from engine.shards.plan import ShardConfig
@@ -47,21 +48,21 @@ def test_windows_follow_the_official_rule():
 def shards(tiny_release, tmp_path_factory, local_ray) -> Path:
     """1 s shard windows, so the 32-frame feature window [0, 32) spans two samples."""
     out = tmp_path_factory.mktemp("feature-shards") / "shards"
-    shard_job.run(str(tiny_release), str(out), ShardConfig(window=1.0, shard_bytes=400_000), progress=False)
+    shard_job.run(str(tiny_release), str(out), ShardConfig(window=1.0, shard_mb=0.4), progress=False)
     return out
 
 
 @pytest.fixture(scope="module")
 def features(shards, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("features") / "tiny_video"
-    job.run(str(shards), str(out), job.FeatureConfig(model=TINY_VIDEO, batch_size=4), progress=False)
+    job.run(str(shards), str(out), job.FeatureConfig(model="tiny_video", batch_size=4), progress=False)
     return out
 
 
 def _reference(release_root: Path, config: job.FeatureConfig, views="all") -> dict[str, np.ndarray]:
     """Features of every take view the plain way: the release's 448 video, decoded in one pass."""
     release = Release.open(str(release_root))
-    embedder = job.Embedder(config.model.to_json())
+    embedder = job.Embedder(config.spec.to_json())
     return {feature_name(take.take_uid, view): job.features_from_release(release, take, view, config, embedder)
             for take in release.takes() for view in take.views("448") if views == "all" or view.is_ego}
 
@@ -71,7 +72,7 @@ def _load_all(out: Path) -> dict[str, torch.Tensor]:
 
 
 def test_features_from_shards_equal_features_from_the_release(tiny_release, features):
-    expected = _reference(tiny_release, job.FeatureConfig(model=TINY_VIDEO))
+    expected = _reference(tiny_release, job.FeatureConfig(model="tiny_video"))
     got = _load_all(features)
     assert sorted(got) == sorted(expected) and len(got) == 3 * 5
     for name, tensor in got.items():
@@ -86,13 +87,15 @@ def test_features_from_shards_equal_features_from_the_release(tiny_release, feat
         np.testing.assert_allclose(row["vector"], got[name][row["window"]].numpy(), rtol=0, atol=0)
         assert (row["t0"], row["t1"]) == [(0.0, 32 / 30), (16 / 30, 48 / 30), (28 / 30, 2.0)][row["window"]]
 
-    stage = json.loads((features / "stage.json").read_text())
+    record = json.loads((features / "stage.json").read_text())
+    stage = record["result"]
+    assert record["status"] == "done" and record["kind"] == "features"
     assert stage["model"]["name"] == "tiny_video" and stage["weights_sha256"] == "random-init-seed-0"
     assert (stage["window"], stage["stride"], stage["dim"], stage["take_views"], stage["rejects"]) == (32, 16, 240, 15, 0)
 
 
 def test_image_model_gives_one_feature_per_frame_at_the_chosen_rate(tiny_release, shards, tmp_path):
-    config = job.FeatureConfig(model=models.resolve("tiny_image"), fps=5, views="ego")
+    config = job.FeatureConfig(model="tiny_image", fps=5, views="ego")
     job.run(str(shards), str(tmp_path / "img"), config, progress=False)
     got = _load_all(tmp_path / "img")
     expected = _reference(tiny_release, config, views="ego")
@@ -170,7 +173,7 @@ def test_undecodable_media_rejects_that_take_view_and_the_rest_finish(shards, fe
     broken = tmp_path / "shards"
     take_uid = _break_one_view(shards, broken)
     out = tmp_path / "out"
-    stage = job.run(str(broken), str(out), job.FeatureConfig(model=TINY_VIDEO, batch_size=4), progress=False)
+    stage = job.run(str(broken), str(out), job.FeatureConfig(model="tiny_video", batch_size=4), progress=False)
     rejects = json.loads((out / "rejects.json").read_text())
     assert [r["name"] for r in rejects] == [f"{take_uid}_aria01_rgb"]
     assert take_uid in rejects[0]["reason"] and "ego" in rejects[0]["reason"]
@@ -183,7 +186,7 @@ def test_undecodable_media_rejects_that_take_view_and_the_rest_finish(shards, fe
 
 def test_rerun_after_a_killed_driver_skips_finished_outputs(shards, features, tmp_path):
     # One take per shard: take views finish shard by shard, so a kill at the first .pt lands mid-job.
-    assert len(json.loads((shards / "stage.json").read_text())["shards"]["train"]) == 3
+    assert len(json.loads((shards / "stage.json").read_text())["result"]["shards"]["train"]) == 3
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "engine", "features", str(shards), str(out), "--model", "tiny_video",
            "--batch-size", "1"]
@@ -194,9 +197,9 @@ def test_rerun_after_a_killed_driver_skips_finished_outputs(shards, features, tm
     os.killpg(driver.pid, signal.SIGKILL)   # the driver and the Ray processes it started
     driver.wait()
     finished = {p.stem: p.stat().st_mtime_ns for p in out.glob("*.pt")}
-    assert 0 < len(finished) < 15 and not (out / "stage.json").exists()
+    assert 0 < len(finished) < 15 and json.loads((out / "stage.json").read_text())["status"] == "running"
 
-    stage = job.run(str(shards), str(out), job.FeatureConfig(model=TINY_VIDEO, batch_size=4), progress=False)
+    stage = job.run(str(shards), str(out), job.FeatureConfig(model="tiny_video", batch_size=4), progress=False)
     assert stage["written_this_run"] == 15 - len(finished) and stage["take_views"] == 15
     assert {p.stem: p.stat().st_mtime_ns for p in out.glob("*.pt") if p.stem in finished} == finished
     clean = _load_all(features)
@@ -217,12 +220,12 @@ def test_s3_shards_in_s3_features_out(shards, features, s3_endpoint, local_ray):
     fs = s3fs.S3FileSystem(**options)
     fs.mkdir("feat")
     fs.put(str(shards), "feat/shards", recursive=True)
-    job.run("s3://feat/shards", "s3://feat/tiny_video", job.FeatureConfig(model=TINY_VIDEO), storage_options=options,
+    job.run("s3://feat/shards", "s3://feat/tiny_video", job.FeatureConfig(model="tiny_video"), storage_options=options,
             progress=False)
     for name, tensor in _load_all(features).items():
         remote = torch.load(io.BytesIO(fs.cat_file(f"feat/tiny_video/{name}.pt")), weights_only=True)
         np.testing.assert_allclose(remote.numpy(), tensor.numpy(), rtol=0, atol=1e-5)
-    assert json.loads(fs.cat_file("feat/tiny_video/stage.json"))["take_views"] == 15
+    assert json.loads(fs.cat_file("feat/tiny_video/stage.json"))["result"]["take_views"] == 15
 
 
 def test_two_node_cluster(shards, features, tmp_path):
@@ -235,7 +238,7 @@ def test_two_node_cluster(shards, features, tmp_path):
         ray.init(address=cluster.address, log_to_driver=False)
         assert len([n for n in ray.nodes() if n["Alive"]]) == 2
         # One CPU per node: the model actor holds one node's CPU, so decoding runs on the other.
-        job.run(str(shards), str(tmp_path / "out"), job.FeatureConfig(model=TINY_VIDEO), progress=False)
+        job.run(str(shards), str(tmp_path / "out"), job.FeatureConfig(model="tiny_video"), progress=False)
     finally:
         ray.shutdown()
         cluster.shutdown()

@@ -88,7 +88,7 @@ def test_the_demo_spec_runs_end_to_end_and_reports_every_benchmark(demo_run):
     assert report.count("data:image/png;base64,") == 2      # training curves and the strip of frames
     assert "frame" in report and "body keypoints" in report
     for record in json.loads((demo_run / "run.json").read_text())["stages"]:
-        assert (Path(record["output"]) / "lineage.json").exists()
+        assert json.loads((Path(record["output"]) / "stage.json").read_text())["status"] == "done"
         assert record["stage"] == "report" or record["fingerprint"] in report
 
 
@@ -102,7 +102,7 @@ def test_a_rerun_reuses_every_stage_and_a_changed_task_reruns_only_it_and_the_re
     ee4d("run", "jobs/demo.yaml", "--out", str(demo_run), *sets(changed))
     ran = {stage for stage, status in statuses(demo_run).items() if status == "ran"}
     assert ran == {"task/demonstrator_proficiency", "report"}
-    assert len(list(demo_run.glob("tasks/demonstrator_proficiency/*/lineage.json"))) == 2   # the old one is kept
+    assert len(list(demo_run.glob("tasks/demonstrator_proficiency/*/stage.json"))) == 2   # the old one is kept
 
     ee4d("run", "jobs/demo.yaml", "--out", str(demo_run), *sets(SMALL))    # back to the first values
     assert set(statuses(demo_run).values()) == {"reused"}
@@ -125,7 +125,7 @@ def test_notebooks_execute_on_the_demo_run(demo_run, notebook, monkeypatch):
 @pytest.mark.parametrize("override, message", [
     ("tasks.keystep_recognition.epochs=many", "tasks.keystep_recognition.epochs: expected an integer, got 'many'"),
     ("shard.mode=copy", "shard: mode must be one of remux, transcode, frames"),
-    ("tasks.pose=1", "tasks.pose: unknown benchmark"),
+    ("tasks.pose=1", "tasks.pose: unknown task; known: keystep_recognition"),
     ("features.bacth_size=4", "features.bacth_size: unknown key; keys are"),
     ("release.url=/data/egoexo", "release: give exactly one of url"),
 ])
@@ -138,7 +138,7 @@ def test_a_malformed_spec_fails_at_once_naming_the_key(tmp_path, override, messa
 def test_every_shipped_spec_parses():
     for path in sorted((REPO / "jobs").glob("*.yaml")):
         spec = specs.load(str(path), local=False)
-        assert spec.tasks and spec.report is not None, path
+        assert spec.sections["tasks"] and "report" in spec.sections, path
 
 
 def _free_port() -> int:
@@ -187,5 +187,43 @@ def test_submitted_to_a_two_node_cluster_killed_and_resubmitted_it_matches_the_l
     assert int(re.search(r"(\d+) take views already written", logs).group(1)) > 0, logs
     assert outputs(out) == outputs(demo_run)
     assert reported_metrics(out) == reported_metrics(demo_run)
-    nodes = json.loads(next(out.glob("shards/*/stage.json")).read_text())["nodes"]
+    nodes = json.loads(next(out.glob("shards/*/stage.json")).read_text())["result"]["nodes"]
     assert len(nodes) == 2               # shards were written on both nodes
+
+
+PLUGIN = {"EE4D_PLUGINS": "toy_plugin", "PYTHONPATH": str(REPO / "tests")}
+
+
+def test_a_stage_kind_and_a_benchmark_from_a_plugin_module_join_the_spec_cli_graph_and_report(demo_run):
+    """tests/toy_plugin.py adds a stage kind and a benchmark; nothing in engine/ names them."""
+    assert "sample-count" in ee4d("--help", env=PLUGIN).stdout
+    assert "sample-count" not in ee4d("--help").stdout
+    help_text = ee4d("sample-count", "--help", env=PLUGIN).stdout
+    assert "--by {split,take_uid}" in help_text and "what to count samples by" in help_text
+    assert "--pooling {mean,max}" in ee4d("train", "scenario_recognition", "--help", env=PLUGIN).stdout
+
+    bad = ee4d("run", "jobs/demo.yaml", "--out", str(demo_run), *sets(SMALL + ["sample_count.by=scene"]),
+               env=PLUGIN, check=False)
+    assert bad.returncode == 2 and "sample_count: by must be one of split, take_uid, got 'scene'" in bad.stderr
+
+    toys = SMALL + ["sample_count.by=split", "tasks.scenario_recognition.epochs=3",
+                    "tasks.scenario_recognition.pooling=max"]
+    plan = ee4d("run", "jobs/demo.yaml", "--out", str(demo_run), "--dry-run", *sets(toys), env=PLUGIN).stdout
+    assert "sample_count: run" in plan and "task/scenario_recognition: run" in plan and "shard: reuse" in plan
+    ee4d("run", "jobs/demo.yaml", "--out", str(demo_run), *sets(toys), env=PLUGIN)
+    ran = {stage for stage, status in statuses(demo_run).items() if status == "ran"}
+    assert ran == {"sample_count", "task/scenario_recognition", "report"}
+    counts = json.loads(next(demo_run.glob("sample_count/*/counts.json")).read_text())
+    manifest = pq.read_table(next(demo_run.glob("shards/*/manifest.parquet"))).to_pydict()
+    assert counts == {s: manifest["split"].count(s) for s in set(manifest["split"])}
+    report = (demo_run / "report.html").read_text()
+    assert "<h2>Sample counts</h2>" in report and "<td>scenario_recognition</td><td>top1</td>" in report
+
+    # A setting that only changes speed keeps the fingerprint; one that fixes the output does not.
+    ee4d("run", "jobs/demo.yaml", "--out", str(demo_run), *sets(toys + ["sample_count.verbose=true"]), env=PLUGIN)
+    assert set(statuses(demo_run).values()) == {"reused"}
+    ee4d("run", "jobs/demo.yaml", "--out", str(demo_run), *sets(toys + ["sample_count.by=take_uid"]), env=PLUGIN)
+    assert {s for s, status in statuses(demo_run).items() if status == "ran"} == {"sample_count", "report"}
+
+    ee4d("run", "jobs/demo.yaml", "--out", str(demo_run), *sets(SMALL))    # the demo's own run again
+    assert set(statuses(demo_run).values()) == {"reused"}

@@ -1,11 +1,11 @@
 """Reading a release: typed records, views, laziness, geometry, masks, and S3."""
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import s3fs
 
+from engine.features.store import view_name
 from engine.release import Release
 from engine.release.catalog import BODY_JOINTS, HAND_JOINTS
 from engine.release.records import parse_take
@@ -22,7 +22,7 @@ def test_takes_and_views(default_release):
         views = take.views()
         assert [v.key for v in views] == ["aria01_214-1", "cam01", "cam02", "cam03", "cam04"]
         assert views[0].is_ego and not any(v.is_ego for v in views[1:])
-        assert [v.feature_name for v in views] == ["aria01_rgb", "cam01_0", "cam02_0", "cam03_0", "cam04_0"]
+        assert [view_name(v) for v in views] == ["aria01_rgb", "cam01_0", "cam02_0", "cam03_0", "cam04_0"]
         for view in views + take.views("448"):
             assert release.exists(view.path), view.path
         assert take.best_exo in {v.cam_id for v in views[1:]}
@@ -114,7 +114,7 @@ def test_relations_masks_match_the_rendered_objects(default_release):
         take = release.take(uid)
         views = {v.key: v for v in take.views()}
         wanted = {}
-        for obj, per_view in rel.object_masks.items():
+        for _obj, per_view in rel.object_masks.items():
             for view, frames in per_view.items():
                 for frame, mask in frames.items():
                     wanted.setdefault(view, {}).setdefault(frame, []).append(mask)
@@ -151,8 +151,8 @@ def test_s3_release_reads_like_local(tiny_release, s3_endpoint):
     uid = local.ego_pose_takes("train", "body")[0]
     assert remote.ego_pose("train", "body", uid) == local.ego_pose("train", "body", uid)
     for view in local.takes()[0].views() + local.takes()[0].views("448"):
-        with remote.open_file(view.path) as r, local.open_file(view.path) as l:
-            assert r.read() == l.read()
+        with remote.open_file(view.path) as r, local.open_file(view.path) as lo:
+            assert r.read() == lo.read()
     explicit = Release.open("s3://releases/mini", {"key": "testing", "secret": "testing",
                                                    "endpoint_url": s3_endpoint})
     assert explicit.takes() == local.takes()

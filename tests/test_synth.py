@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from engine.cli import main
+from engine.miniature import synth
+from engine.miniature.stamp import draw_stamp, read_stamp
 from engine.release import Release
-from engine.release import synth
 from engine.release.catalog import PROFICIENCY_LEVELS
-from engine.release.stamp import draw_stamp, read_stamp
 from engine.video import decode, probe
 
 LAYOUT = [

@@ -11,17 +11,15 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from engine import cli
 from engine.features import job as feature_job
-from engine.features import models
 from engine.shards import job as shard_job
 from engine.shards.plan import ShardConfig
-from engine.tasks import TASKS
+from engine.tasks import TASKS, TrainConfig
 from engine.tasks.metrics import detection_map
-from engine.train.loop import TrainConfig, run
+from engine.train.loop import run
 
 # ----------------------------------------------------------------------------- evaluation by hand
 
@@ -68,9 +66,9 @@ def test_demonstration_evaluation_is_the_detection_map_of_its_points():
 # ----------------------------------------------------------------------------- training on Ray Train
 
 def _features(release: Path, root: Path) -> Path:
-    shard_job.run(str(release), str(root / "shards"), ShardConfig(shard_bytes=2_000_000), progress=False)
+    shard_job.run(str(release), str(root / "shards"), ShardConfig(shard_mb=2), progress=False)
     feature_job.run(str(root / "shards"), str(root / "features"),
-                    feature_job.FeatureConfig(model=models.resolve("tiny_video")), progress=False)
+                    feature_job.FeatureConfig(model="tiny_video"), progress=False)
     return root / "features"
 
 
@@ -138,8 +136,8 @@ def test_two_workers_train_like_one(learn_features, tmp_path):
 
 def test_a_run_killed_after_its_first_checkpoint_resumes_from_it(learn_features, tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "engine", "train", "keystep_recognition", "--features", str(learn_features),
-           "--out", str(out), "--epochs", "30", "--patience", "30"]
+    cmd = [sys.executable, "-m", "engine", "train", "keystep_recognition", str(learn_features), str(out),
+           "--epochs", "30", "--patience", "30"]
     driver = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     # Ray Train has registered a checkpoint once its snapshot lists one (the checkpoint's folder
     # is written just before).

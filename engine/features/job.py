@@ -5,68 +5,87 @@ Pipeline (Ray Data, streaming):
          --map_batches on an actor pool (GPU when the cluster has one, CPU otherwise)--> vectors
          --> the driver gathers each take view's windows and writes its files when complete.
 
-Outputs under OUT (the official layout is OUT = <release>/features/<model>):
+Outputs under OUT (the official layout is OUT = <release>/features/<model>; engine.features.store
+owns the per take view files, their names, writing and reading):
   <take_uid>_<cam_id>_<stream_id>.pt    float32 [num_windows, dim]; written last for its take view,
                                         so it marks that take view finished
   parquet/<same stem>.parquet           take_uid, cam_id, stream_id, window, t0, t1, vector
   rejects.json                          take views (or shards) that produced nothing, and why
-  _config.json                          written first: a rerun with another model or window is refused
-  stage.json                            written last: model, weights sha256, window settings, counts
+  stage.json                            the stage record (engine.stage): claimed first, marked done last,
+                                        its result holds the model, weights sha256, windows and counts
 
 A rerun skips take views whose .pt exists and shards whose take views are all done.
 """
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import io
-import json
+import functools
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
 
 import numpy as np
 
+from engine import params as P
+from engine import stage as stages
 from engine import storage, video
-from engine.features import models
+from engine.features import models, store
 from engine.features.models import ModelSpec
-from engine.features.windows import (Assembler, FeatureInputError, assemble, feature_name, feature_windows, read_shard,
-                                     release_frames, sample_frames)
+from engine.features.windows import (
+    Assembler,
+    FeatureInputError,
+    assemble,
+    feature_windows,
+    read_shard,
+    release_frames,
+    sample_frames,
+)
 
-FORMAT_VERSION = 1
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+SPLITS = ("train", "val", "test")
 
 
 @dataclasses.dataclass(frozen=True)
-class FeatureConfig:
-    model: ModelSpec
-    window: int = 32                  # frames at 30 fps (official: 32)
-    stride: int = 16                  # frames (official: 16)
-    fps: float | None = None          # image models: features per second (None: every frame)
-    views: str = "all"                # "ego" or "all"
-    splits: tuple[str, ...] | None = None   # None: every split in the shards
-    batch_size: int = 16
-    precision: str = "auto"           # auto: bf16 autocast on GPU, fp32 on CPU
-    gpus_per_actor: float = 1.0       # below 1 packs several actors on one GPU
-    actors: int | None = None         # None: one per GPU share, or one on a CPU-only cluster
-    cpus_per_actor: float = 1.0       # CPU-only clusters: torch threads per actor
+class FeatureConfig(P.Params):
+    model: str = P.setting("tiny_video", "tiny_video, tiny_image, torchscript:PATH, export:PATH, torchvision:NAME, "
+                                         "timm:NAME or package.module:factory")
+    # The weights' sha256, not their path, is what the fingerprint covers (``identity``).
+    weights: str | None = P.setting(None, "weights file (a state_dict); nothing is downloaded", fingerprint=False)
+    input: str | None = P.setting(None, "model input kind (built-ins know theirs)", choices=("video", "image"))
+    frames: int | None = P.setting(None, "video models: frames fed per window (default 32; tiny_video 8)")
+    size: int | None = P.setting(None, "input side in pixels (default 224; built-ins 64)")
+    window: int = P.setting(32, "window in frames at 30 fps (official: 32)")
+    stride: int = P.setting(16, "stride in frames (official: 16)")
+    fps: float | None = P.setting(None, "image models: features per second (default: every frame)")
+    views: str = P.setting("all", "views to embed", choices=("ego", "all"))
+    splits: tuple[str, ...] | None = P.setting(None, "splits to embed (default: every split in the shards)",
+                                               choices=SPLITS)
+    batch_size: int = P.setting(16, "windows per model call", fingerprint=False)
+    precision: str = P.setting("auto", "auto: bf16 autocast on GPU, fp32 on CPU", choices=PRECISIONS)
+    gpus_per_actor: float = P.setting(1.0, "fractions pack several actors per GPU", fingerprint=False)
+    actors: int | None = P.setting(None, "model actors (default: one per GPU share, or 1 without GPUs)",
+                                   fingerprint=False)
+    cpus_per_actor: float = P.setting(1.0, "without GPUs: CPUs (torch threads) per actor", fingerprint=False)
 
     def __post_init__(self):
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        if self.views not in ("ego", "all"):
-            raise ValueError(f"views must be 'ego' or 'all', got {self.views!r}")
+        super().__post_init__()
         if self.window < 1 or self.stride < 1 or self.batch_size < 1:
             raise ValueError("window, stride and batch size must be positive")
         if not 0 < self.gpus_per_actor <= 8:
             raise ValueError(f"gpus per actor must be in (0, 8], got {self.gpus_per_actor}")
 
-    def fingerprint(self, weights_sha256: str) -> str:
-        """What fixes the numbers in the output: model, weights, windows, precision (not batch size
-        or actor counts)."""
-        blob = json.dumps({"model": self.model.to_json(), "weights": weights_sha256, "window": self.window,
-                           "stride": self.stride, "fps": self.fps, "precision": self.precision,
-                           "format": FORMAT_VERSION}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    @functools.cached_property
+    def spec(self) -> ModelSpec:
+        """The model, resolved once: an unknown name or a missing weights file fails here."""
+        return models.resolve(self.model, self.weights, kind=self.input, frames=self.frames, size=self.size)
+
+    @functools.cached_property
+    def weights_sha256(self) -> str:
+        return models.weights_digest(self.spec)
+
+    def identity(self) -> dict:
+        """What fixes the numbers in the output: the resolved model and its weights' digest,
+        windows, precision, views, splits (not batch size or actor counts)."""
+        return {**super().identity(), "spec": self.spec.to_json(), "weights_sha256": self.weights_sha256}
 
 
 # ----------------------------------------------------------------------------- CPU stage
@@ -94,13 +113,15 @@ def shard_windows(item: dict, model: dict, window: int, stride: int, fps: float 
             for sample in samples:
                 meta = sample["json"]
                 if views_of_take is None:
-                    wins = feature_windows(spec, meta["take"]["num_frames"], window, stride, fps)
+                    wins = feature_windows(spec, meta.take.num_frames, window, stride, fps)
                     needed = sorted({f for w in wins for f in w.picks})
                     views_of_take = {}
-                    for member, info in sorted(meta["views"].items()):
-                        name = feature_name(take_uid, info)
-                        if (views == "all" or info["is_ego"]) and name not in skip:
-                            views_of_take[member] = _ViewState(name, *name.rsplit("_", 2)[1:], Assembler(wins, spec.size))
+                    for member, info in sorted(meta.views.items()):
+                        name = store.feature_name(take_uid, info)
+                        if (views == "all" or info.is_ego) and name not in skip:
+                            parsed = store.parse_name(name)
+                            views_of_take[member] = _ViewState(name, parsed.cam_id, parsed.stream_id,
+                                                               Assembler(wins, spec.size))
                 for member, state in views_of_take.items():
                     if state.failed:
                         continue
@@ -193,10 +214,10 @@ def features_from_release(release, take, view, config: FeatureConfig, embedder: 
     run the model in batches, in this process. The job's output must equal this."""
     with release.open_file(view.path) as f:
         info = video.probe(f, check_tail=False)
-    wins = feature_windows(config.model, info.frames, config.window, config.stride, config.fps)
-    frames = release_frames(release, view, info, {f for w in wins for f in w.picks}, config.model.size)
+    wins = feature_windows(config.spec, info.frames, config.window, config.stride, config.fps)
+    frames = release_frames(release, view, info, {f for w in wins for f in w.picks}, config.spec.size)
     clips, out = [], []
-    for _, clip in assemble(wins, frames, config.model.size):
+    for _, clip in assemble(wins, frames, config.spec.size):
         clips.append(clip)
         if len(clips) == config.batch_size:
             out.append(embedder.embed(np.stack(clips)))
@@ -218,9 +239,7 @@ def _shard_items(fs, shards: str, shards_url: str, stage: dict, splits, views: s
     for row in table:
         wanted = len(row["views"]) if views == "all" else int("ego" in row["views"])
         per_shard.setdefault(row["shard"], {})[row["take_uid"]] = wanted
-    done_by_take: dict[str, list[str]] = {}
-    for name in done:   # <take_uid>_<cam_id>_<stream_id>
-        done_by_take.setdefault(name.rsplit("_", 2)[0], []).append(name)
+    done_by_take = store.by_take(done)
     items, finished = [], 0
     for split, names in sorted(stage["shards"].items()):
         if splits and split not in splits:
@@ -236,63 +255,31 @@ def _shard_items(fs, shards: str, shards_url: str, stage: dict, splits, views: s
     return items, finished
 
 
-def _done(fs, out: str) -> set[str]:
-    return {p.rsplit("/", 1)[-1][:-3] for p in fs.glob(storage.join(out, "*.pt"))}
-
-
-def _write_take_view(fs, out: str, name: str, rows: list[dict]) -> None:
-    """Parquet first, then the .pt: the .pt is what says this take view is finished."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    import torch
-
-    rows = sorted(rows, key=lambda r: r["window"])
-    vectors = np.stack([r["vector"] for r in rows]).astype(np.float32)
-    table = pa.table({
-        "take_uid": [r["take_uid"] for r in rows], "cam_id": [r["cam_id"] for r in rows],
-        "stream_id": [r["stream_id"] for r in rows], "window": [r["window"] for r in rows],
-        "t0": [r["t0"] for r in rows], "t1": [r["t1"] for r in rows],
-        "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), vectors.shape[1])})
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    storage.write_bytes_atomic(fs, storage.join(out, "parquet", f"{name}.parquet"), buf.getvalue())
-    buf = io.BytesIO()
-    torch.save(torch.from_numpy(vectors), buf)
-    storage.write_bytes_atomic(fs, storage.join(out, f"{name}.pt"), buf.getvalue())
-
-
 def run(shards_url: str, out_url: str, config: FeatureConfig, storage_options: dict | None = None,
         address: str | None = None, progress: bool = True) -> dict:
-    """Compute features for every take view in the shards; return the stage manifest."""
+    """Run the feature stage on its own (Ray, local by default); return its result."""
+    record = stages.run_one("features", config, {"shard": shards_url}, out_url, storage_options=storage_options,
+                            address=address, progress=progress)
+    return record["result"]
+
+
+def _run(config: FeatureConfig, inputs: dict, out_url: str, ctx: stages.Context) -> dict:
     import ray
 
-    log = print if progress else (lambda *a, **k: None)
+    log, storage_options, shards_url = ctx.log, ctx.storage_options, inputs["shard"]
     started = time.time()
     fs, shards = storage.filesystem(shards_url, storage_options)
-    stage_path = storage.join(shards, "stage.json")
-    if not fs.exists(stage_path):
-        raise ValueError(f"{shards_url} holds no finished shard stage (no stage.json); run `ee4d shard` first")
-    shard_stage = storage.read_json(fs, stage_path)
-    weights_sha256 = models.weights_digest(config.model)
+    shard_stage = stages.finished(shards_url, "shard", storage_options)["result"]
     out_fs, out = storage.filesystem(out_url, storage_options)
-    out_fs.makedirs(out, exist_ok=True)
-    storage.claim(out_fs, out, {"source": shards_url, "shards_fingerprint": shard_stage["fingerprint"],
-                                "fingerprint": config.fingerprint(weights_sha256), "model": config.model.to_json(),
-                                "weights_sha256": weights_sha256, "window": config.window,
-                                "stride": config.stride, "fps": config.fps, "format": FORMAT_VERSION})
-    if storage.is_local(out_fs):   # temporaries of a killed run: never counted as done, now deleted
-        for stale in out_fs.glob(storage.join(out, "*.tmp-*")) + out_fs.glob(storage.join(out, "parquet", "*.tmp-*")):
-            out_fs.rm(stale)
-    done = _done(out_fs, out)
+    store.remove_temporaries(out_fs, out)   # of a killed run: never counted as done
+    done = store.finished(out_fs, out)
     items, finished = _shard_items(fs, shards, shards_url, shard_stage, config.splits, config.views, done)
     log(f"features: {finished + len(items)} shards, {finished} already done, {len(items)} to read; "
         f"{len(done)} take views already written")
     rejects, written, windows, dim = [], 0, 0, None
     if items:
-        if not ray.is_initialized():
-            ray.init(address=address, log_to_driver=False, configure_logging=False)
         import ray.data
-        ray.data.DataContext.get_current().enable_progress_bars = progress
+        ray.data.DataContext.get_current().enable_progress_bars = ctx.progress
         gpus = ray.cluster_resources().get("GPU", 0)
         if gpus:
             actors = config.actors or max(1, int(gpus / config.gpus_per_actor))
@@ -305,11 +292,11 @@ def run(shards_url: str, out_url: str, config: FeatureConfig, storage_options: d
         log(f"  model stage: {actors} {'GPU' if gpus else 'CPU'} actor(s), {resources}")
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         ds = ds.flat_map(shard_windows, num_cpus=1, fn_kwargs={
-            "model": config.model.to_json(), "window": config.window, "stride": config.stride,
+            "model": config.spec.to_json(), "window": config.window, "stride": config.stride,
             "fps": config.fps, "views": config.views, "storage_options": storage_options})
         ds = ds.map_batches(Embedder, batch_size=config.batch_size, batch_format="numpy",
                             compute=ray.data.ActorPoolStrategy(size=actors),
-                            fn_constructor_kwargs={"model": config.model.to_json(), "precision": config.precision,
+                            fn_constructor_kwargs={"model": config.spec.to_json(), "precision": config.precision,
                                                    "threads": threads}, **resources)
         pending: dict[str, list[dict]] = {}
         failed: set[str] = set()
@@ -330,37 +317,44 @@ def run(shards_url: str, out_url: str, config: FeatureConfig, storage_options: d
                 rows = pending.setdefault(name, [])
                 rows.append({k: (str(v) if isinstance(v, np.str_) else v) for k, v in row.items()})
                 if len(rows) == int(row["num_windows"]):
-                    _write_take_view(out_fs, out, name, pending.pop(name))
+                    store.write_take_view(out_fs, out, name, pending.pop(name))
                     written, windows, dim = written + 1, windows + len(rows), len(row["vector"])
         for name, rows in pending.items():   # cannot happen unless a stage dropped rows; never hide it
             rejects.append({"name": name, "take_uid": str(rows[0]["take_uid"]), "split": str(rows[0]["split"]),
                             "shard": str(rows[0]["shard"]),
                             "reason": f"only {len(rows)} of {rows[0]['num_windows']} windows arrived"})
-    all_done = _done(out_fs, out)
+    all_done = store.finished(out_fs, out)
     storage.write_json_atomic(out_fs, storage.join(out, "rejects.json"), rejects)
-    manifest = {
-        "stage": "features", "format": FORMAT_VERSION, "source": shards_url, "model": config.model.to_json(),
-        "weights_sha256": weights_sha256, "window": config.window, "stride": config.stride, "fps": config.fps,
-        "fps_source": 30.0, "views": config.views, "precision": config.precision,
-        "dim": dim if dim is not None else _dim_of_existing(out_fs, out, all_done),
+    return {
+        "model": config.spec.to_json(), "weights_sha256": config.weights_sha256, "window": config.window,
+        "stride": config.stride, "fps": config.fps, "fps_source": 30.0, "views": config.views,
+        "precision": config.precision,
+        "dim": dim if dim is not None else store.dim_of(out_fs, out, all_done),
         "take_views": len(all_done), "written_this_run": written, "windows_this_run": windows,
         "rejects": len(rejects), "wall_seconds": round(time.time() - started, 3),
     }
-    storage.write_json_atomic(out_fs, storage.join(out, "stage.json"), manifest)
-    return manifest
 
 
-def _dim_of_existing(fs, out: str, names: set[str]) -> int | None:
-    if not names:
-        return None
-    import torch
-    with fs.open(storage.join(out, f"{min(names)}.pt"), "rb") as f:
-        return int(torch.load(f, weights_only=True).shape[1])
+def _rejects(record: dict) -> list[tuple[str, str]]:
+    fs, path = storage.filesystem(record["output"])
+    return [(r.get("take_uid") or r.get("name"), r.get("reason"))
+            for r in storage.read_json(fs, storage.join(path, "rejects.json"))]
 
 
-def load(out_url: str, name: str, storage_options: dict | None = None) -> Any:
-    """One take view's features as a torch tensor [num_windows, dim]."""
-    import torch
-    fs, out = storage.filesystem(out_url, storage_options)
-    with fs.open(storage.join(out, f"{name}.pt"), "rb") as f:
-        return torch.load(f, weights_only=True)
+def _summary(record: dict) -> str:
+    r = record["result"]
+    return (f"{r['take_views']} take views of {r['dim']}-d features ({r['written_this_run']} written now), "
+            f"{r['rejects']} rejected (see rejects.json) -> {record['output']}")
+
+
+def _resources(config: FeatureConfig) -> str:
+    return (f"Ray Data: decode tasks, 1 CPU each; model actors: {config.actors or 'one per GPU share'}, "
+            f"{config.gpus_per_actor:g} GPU each (without GPUs: {config.actors or 1} x {config.cpus_per_actor:g} CPU)")
+
+
+KIND = stages.register(stages.StageKind(
+    name="features", params=FeatureConfig, run=_run, inputs=("shard",), needs_ray=True, rejects=_rejects,
+    check=lambda config: config.spec, resources=_resources,
+    help="one feature tensor per take and view, in the official layout (GPU actor pools when present)",
+    command=stages.Command("features", "compute features from shards (Ray Data; GPU actors when present)",
+                           summary=_summary)))

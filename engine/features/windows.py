@@ -11,20 +11,21 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import itertools
-import json
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 
 from engine import video
+from engine.errors import ContentError
 from engine.features.models import ModelSpec
 from engine.release import records as rec
+from engine.shards import schema
 from engine.shards.dataset import view_frames
 
 FPS = 30.0
 
 
-class FeatureInputError(Exception):
+class FeatureInputError(ContentError):
     """The frames of a take view cannot be produced; the message says why."""
 
 
@@ -59,9 +60,7 @@ def feature_windows(spec: ModelSpec, num_frames: int, window: int = 32, stride: 
     """The windows of a take for a model: video models see ``spec.frames`` frames spread evenly
     over each window; image models one frame every ``1/fps`` s (every frame when fps is None)."""
     if spec.kind == "image":
-        step = FPS / (fps or FPS)
-        frames = sorted({int(np.floor(k * step + 1e-6)) for k in range(int(np.ceil(num_frames / step - 1e-9)))})
-        return [Window(i, f, f + 1, (f,)) for i, f in enumerate(f for f in frames if f < num_frames)]
+        return [Window(i, f, f + 1, (f,)) for i, f in enumerate(video.frames_at_rate(0, num_frames, FPS, fps))]
     out = []
     for i, (start, end) in enumerate(video_windows(num_frames, window, stride)):
         length = end - start
@@ -70,9 +69,9 @@ def feature_windows(spec: ModelSpec, num_frames: int, window: int = 32, stride: 
 
 
 def input_size(width: int, height: int, size: int) -> tuple[int, int]:
-    """(W, H) with the short side at ``size``, aspect kept; even, as the scaler likes."""
-    scale = size / min(width, height)
-    return max(size, 2 * round(width * scale / 2)), max(size, 2 * round(height * scale / 2))
+    """(W, H) to resize a frame to before the ``size`` x ``size`` centre crop: short side at
+    ``size``, aspect kept, even (``video.short_side_size``), never below ``size``."""
+    return video.short_side_size(width, height, size, at_least=True)
 
 
 def centre_crop(frame: np.ndarray, size: int) -> np.ndarray:
@@ -135,34 +134,28 @@ def release_frames(release, view: rec.View, info: video.VideoInfo, needed: set[i
 def sample_frames(sample: dict, name: str, needed: list[int], after: int, size: int) -> list[tuple[int, np.ndarray]]:
     """Frames of view ``name`` that one shard sample holds: the ``needed`` ones (sorted) in its
     window and past ``after`` (frames an earlier, overlapping sample already gave)."""
-    meta = sample["json"]
-    window, info = meta["window"], meta["views"][name]
-    lo = bisect.bisect_left(needed, max(after + 1, window["start_frame"]))
-    wanted = needed[lo:bisect.bisect_left(needed, window["end_frame"])]
+    meta = schema.read_meta(sample[schema.JSON_MEMBER])
+    window, info = meta.window, meta.views[name]
+    lo = bisect.bisect_left(needed, max(after + 1, window.start_frame))
+    wanted = needed[lo:bisect.bisect_left(needed, window.end_frame)]
     if not wanted:
         return []
     try:
-        images, _ = view_frames(sample, name, wanted, input_size(info["width"], info["height"], size))
+        images, _ = view_frames(sample, name, wanted, input_size(info.width, info.height, size))
     except Exception as e:   # noqa: BLE001 - say which sample, whatever the decoder raised
-        raise FeatureInputError(f"sample {meta['key']}: {type(e).__name__}: {e}") from None
+        raise FeatureInputError(f"sample {meta.key}: {type(e).__name__}: {e}") from None
     return list(zip(wanted, images))
-
-
-def feature_name(take_uid: str, view: dict | rec.View) -> str:
-    """``<take_uid>_<cam_id>_<stream_id>``, the official file stem."""
-    if isinstance(view, dict):
-        view = rec.View(view["cam_id"], view["stream_id"], view["is_ego"], view.get("source", ""))
-    return f"{take_uid}_{view.feature_name}"
 
 
 def read_shard(url: str, storage_options: dict | None = None) -> Iterator[tuple[str, Iterator[dict]]]:
     """(take_uid, its samples as they stream by) for each take of a shard, grouped by webdataset's
-    own tar reader. The shard job writes a take's samples adjacent and in window order."""
+    own tar reader, each sample's ``json`` read into a ``schema.SampleMeta``. The shard job
+    writes a take's samples adjacent and in window order."""
     from webdataset.tariterators import group_by_keys, tar_file_expander
 
     from engine import storage
     fs, path = storage.filesystem(url, storage_options)
     with fs.open(path, "rb") as stream:
-        samples = ({**s, "json": json.loads(s["json"])}
+        samples = ({**s, schema.JSON_MEMBER: schema.read_meta(s[schema.JSON_MEMBER])}
                    for s in group_by_keys(tar_file_expander([{"url": url, "stream": stream}])))
-        yield from itertools.groupby(samples, key=lambda s: s["json"]["take"]["take_uid"])
+        yield from itertools.groupby(samples, key=lambda s: s[schema.JSON_MEMBER].take.take_uid)

@@ -8,14 +8,16 @@ Links are relative, so the run folder can be moved or synced as a whole.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import html
 import io
-import json
 import posixpath
 import time
 
 import numpy as np
 
+from engine import params as P
+from engine import stage as stages
 from engine import storage
 
 ROOT = "@@run-root@@/"      # stands for the path from the report to the run folder
@@ -25,30 +27,37 @@ BONES = [("left-shoulder", "right-shoulder"), ("left-shoulder", "left-elbow"), (
          ("left-knee", "left-ankle"), ("right-hip", "right-knee"), ("right-knee", "right-ankle")]
 
 
-def write(spec, out: str, url: str, records: list[dict], urls: dict[str, str]) -> dict:
-    """Render the report into ``url`` (this stage's folder) and ``<out>/report.html``."""
+@dataclasses.dataclass(frozen=True)
+class ReportParams(P.Params):
+    take: str | None = P.setting(None, "take_name or take_uid for the strip of frames (default: one with masks)")
+    time: float | None = P.setting(None, "seconds into that take (default: a frame with keypoints)")
+
+
+def write(params: ReportParams, inputs: dict, url: str, ctx: stages.Context) -> dict:
+    """Render the report into ``url`` (this stage's folder) and ``<run out>/report.html``."""
     import matplotlib
     matplotlib.use("Agg")
 
-    tasks = [_task_result(r) for r in records if r["kind"] == "task"]
-    sections = [
-        f"<h1>{html.escape(spec.name)}</h1><p>Run folder <code>{html.escape(out)}</code>, report written "
-        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.</p>",
-        _metrics_section(tasks, out),
-        _curves_section(tasks),
-        _frames_section(urls.get("release"), spec.report),
-        _lineage_section(records, out),
-        _rejects_section(records),
-    ]
+    out = ctx.run_out or url
+    records = [r for name, r in ctx.records.items() if name in inputs]
+    kinds = stages.kinds()
+    sections = [f"<h1>{html.escape(ctx.run_name)}</h1><p>Run folder <code>{html.escape(out)}</code>, report "
+                f"written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.</p>"]
+    for kind in kinds.values():         # each kind's own section, from its records of this run
+        own = [r for r in records if r["kind"] == kind.name]
+        if kind.report and own:
+            sections.append(kind.report(own, ctx))
+    sections += [_frames_section(ctx.urls.get("release"), params), _lineage_section(records, out),
+                 _rejects_section(records, kinds)]
     body = "\n".join(s for s in sections if s)
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(spec.name)}: ee4d run</title>"
-            f"<style>{STYLE}</style></head><body>{body}</body></html>")
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(ctx.run_name)}: ee4d run"
+            f"</title><style>{STYLE}</style></head><body>{body}</body></html>")
     fs, path = storage.filesystem(url)
     out_fs, out_path = storage.filesystem(out)
     here = posixpath.relpath(out_path, path) + "/"
     storage.write_bytes_atomic(fs, storage.join(path, "report.html"), page.replace(ROOT, here).encode())
     storage.write_bytes_atomic(out_fs, storage.join(out_path, "report.html"), page.replace(ROOT, "").encode())
-    return {"tasks": len(tasks), "metrics": {t["task"]: t.get("value") for t in tasks}}
+    return {"stages": len(records), "failed": sum(r["status"] in ("failed", "blocked") for r in records)}
 
 
 STYLE = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#222}
@@ -57,72 +66,18 @@ text-align:left;vertical-align:top}th{background:#f4f4f4}code{font-size:13px}.ba
 img{max-width:100%}"""
 
 
-def _link(url: str, out: str, text: str) -> str:
+def link(url: str, out: str, text: str) -> str:
     """A link to a file inside the run folder (relative) or elsewhere (as given)."""
     rel = posixpath.relpath(url, out) if url.startswith(out.rstrip("/") + "/") else None
     href = ROOT + rel if rel else url
     return f"<a href='{html.escape(href)}'>{html.escape(text)}</a>"
 
 
-def _task_result(record: dict) -> dict:
-    result = {"task": record["stage"].split("/", 1)[1], "record": record}
-    if record["status"] in ("failed", "blocked"):
-        return {**result, "error": record.get("error")}
-    fs, path = storage.filesystem(record["output"])
-    res = storage.read_json(fs, storage.join(path, "result.json"))
-    with fs.open(storage.join(path, "metrics.jsonl"), "rb") as f:
-        history = [json.loads(line) for line in f.read().decode().splitlines() if line.strip()]
-    submissions = [n for n in ("submission_val.json", "submission_test.json") if fs.exists(storage.join(path, n))]
-    return {**result, "metric": res["metric"], "value": res["val"][res["metric"]], "val": res["val"],
-            "baselines": res["baselines"], "best_epoch": res["best_epoch"], "epochs_run": res["epochs_run"],
-            "val_examples": res["val_examples"], "train_examples": res["train_examples"], "history": history,
-            "files": submissions + ["result.json", "model.pt", "metrics.jsonl"]}
-
-
-def _metrics_section(tasks: list[dict], out: str) -> str:
-    if not tasks:
-        return ""
-    rows = ["<tr><th>benchmark</th><th>metric (val)</th><th>value</th><th>baselines</th><th>other metrics</th>"
-            "<th>best epoch / run</th><th>train / val examples</th><th>files</th></tr>"]
-    for t in tasks:
-        if "error" in t:
-            rows.append(f"<tr><td>{t['task']}</td><td colspan='7' class='bad'>{html.escape(str(t['error']))}</td></tr>")
-            continue
-        base = "<br>".join(f"{k} {v:.4f}" for k, v in t["baselines"].items())
-        other = "<br>".join(f"{k} {_fmt(v)}" for k, v in t["val"].items() if k != t["metric"])
-        files = " ".join(_link(storage.join(t["record"]["output"], n), out, n) for n in t["files"])
-        rows.append(f"<tr><td>{t['task']}</td><td>{t['metric']}</td><td><b>{t['value']:.4f}</b></td><td>{base}</td>"
-                    f"<td>{other}</td><td>{t['best_epoch']} / {t['epochs_run']}</td>"
-                    f"<td>{t['train_examples']} / {t['val_examples']}</td><td>{files}</td></tr>")
-    return "<h2>Benchmarks</h2><table>" + "".join(rows) + "</table>"
-
-
-def _fmt(v) -> str:
+def fmt(v) -> str:
     return f"{v:.4f}" if isinstance(v, float) else html.escape(str(v))
 
 
-def _curves_section(tasks: list[dict]) -> str:
-    import matplotlib.pyplot as plt
-
-    done = [t for t in tasks if t.get("history")]
-    if not done:
-        return ""
-    fig, axes = plt.subplots(1, len(done), figsize=(4.2 * len(done), 3.2), squeeze=False)
-    for ax, t in zip(axes[0], done):
-        epochs = [row["epoch"] for row in t["history"]]
-        ax.plot(epochs, [row["loss"] for row in t["history"]], color="tab:blue", label="train loss")
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("train loss", color="tab:blue")
-        ax.set_title(t["task"], fontsize=10)
-        ax2 = ax.twinx()
-        ax2.plot(epochs, [row.get(t["metric"]) for row in t["history"]], color="tab:orange", label=t["metric"])
-        ax2.set_ylabel(f"val {t['metric']}", color="tab:orange")
-        ax2.axvline(t["best_epoch"], color="gray", linestyle=":", linewidth=1)
-    fig.tight_layout()
-    return "<h2>Training curves</h2>" + _png(fig)
-
-
-def _png(fig) -> str:
+def png(fig) -> str:
     import matplotlib.pyplot as plt
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90)
@@ -134,31 +89,26 @@ def _lineage_section(records: list[dict], out: str) -> str:
     rows = ["<tr><th>stage</th><th>status</th><th>fingerprint</th><th>inputs</th><th>seconds</th>"
             "<th>counts</th><th>output</th></tr>"]
     for r in records:
-        inputs = "<br>".join(f"{k} <code>{v}</code>" for k, v in r["inputs"].items())
-        counts = "<br>".join(f"{k} {_fmt(v)}" for k, v in r.get("counts", {}).items() if not isinstance(v, dict))
+        inputs = "<br>".join(f"{k} <code>{v['fingerprint']}</code>" for k, v in r["inputs"].items())
+        counts = "<br>".join(f"{k} {fmt(v)}" for k, v in r.get("result", {}).items()
+                             if not isinstance(v, (dict, list)))
         status = r.get("status", "ran")
         if r.get("error"):
             status = f"<span class='bad'>{status}: {html.escape(r['error'])}</span>"
         rows.append(f"<tr><td>{r['stage']}</td><td>{status}</td><td><code>{r['fingerprint']}</code></td>"
-                    f"<td>{inputs}</td><td>{r['seconds']:.1f}</td><td>{counts}</td>"
-                    f"<td>{_link(r['output'], out, posixpath.basename(r['output']) or r['output'])}</td></tr>")
+                    f"<td>{inputs}</td><td>{r.get('seconds', 0.0):.1f}</td><td>{counts}</td>"
+                    f"<td>{link(r['output'], out, posixpath.basename(r['output']) or r['output'])}</td></tr>")
     return ("<h2>Lineage</h2><p>Every stage's output folder is named by its fingerprint: a hash of its "
             "configuration, its inputs' fingerprints and a format version.</p><table>" + "".join(rows) + "</table>")
 
 
-def _rejects_section(records: list[dict]) -> str:
+def _rejects_section(records: list[dict], kinds: dict) -> str:
     parts = []
     for r in records:
-        fs, path = storage.filesystem(r["output"])
-        if r["kind"] in ("shard", "features") and fs.exists(storage.join(path, "rejects.json")):
-            items = [(x.get("take_uid") or x.get("name"), x.get("reason")) for x in
-                     storage.read_json(fs, storage.join(path, "rejects.json"))]
-        elif r["kind"] == "validate" and fs.exists(storage.join(path, "report.json")):
-            report = storage.read_json(fs, storage.join(path, "report.json"))
-            items = [(p.get("take_uid") or p.get("file"), f"{p['code']}: {p['reason']}")
-                     for p in report["problems"] + [p for t in report["takes"].values() for p in t["problems"]]]
-        else:
+        kind = kinds.get(r["kind"])
+        if r["status"] not in ("ran", "reused") or not (kind and kind.rejects):
             continue
+        items = kind.rejects(r)
         if items:
             lis = "".join(f"<li><code>{html.escape(str(k))}</code>: {html.escape(str(v))}</li>" for k, v in items[:50])
             more = f"<li>... and {len(items) - 50} more</li>" if len(items) > 50 else ""
@@ -175,7 +125,7 @@ def _frames_section(release_url: str | None, params) -> str:
         figure, caption = frame_strip(release_url, params.take, params.time)
     except LookupError as e:
         return f"<h2>Frames</h2><p>{html.escape(str(e))}</p>"
-    return f"<h2>Frames</h2><p>{html.escape(caption)}</p>" + _png(figure)
+    return f"<h2>Frames</h2><p>{html.escape(caption)}</p>" + png(figure)
 
 
 def frame_strip(release_url: str, take: str | None = None, seconds: float | None = None):
@@ -196,7 +146,7 @@ def frame_strip(release_url: str, take: str | None = None, seconds: float | None
         full = _full_size(release, chosen, view)
         sx, sy = width / full[0], height / full[1]
         ax.imshow(image)
-        for i, (obj, tracks) in enumerate(sorted((relations.object_masks if relations else {}).items())):
+        for i, (_obj, tracks) in enumerate(sorted((relations.object_masks if relations else {}).items())):
             mask = tracks.get(view.key, {}).get(frame)
             if mask is not None:
                 m = mask.decode()
@@ -266,3 +216,9 @@ def _full_size(release, take, view) -> tuple[int, int]:
     with release.open_file(full.path) as f:
         info = video.probe(f, check_tail=False)
     return info.width, info.height
+
+
+KIND = stages.register(stages.StageKind(
+    name="report", params=ReportParams, run=write, uses_all_stages=True,
+    help="one HTML page: each stage's section, lineage, rejects, frames of one take",
+    resources=lambda params: "driver only"))

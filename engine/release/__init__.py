@@ -1,4 +1,4 @@
-"""Ego-Exo4D releases: reading (local or s3://), validating, and generating miniature ones."""
+"""Ego-Exo4D releases: reading (local or s3://) and validating. Miniature ones come from ``engine.miniature``."""
 from engine.release.reader import Problem, Release, ReleaseError
 
 __all__ = ["Problem", "Release", "ReleaseError"]

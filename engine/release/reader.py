@@ -14,9 +14,11 @@ import dataclasses
 import io
 import json
 import posixpath
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from engine import storage
+from engine.errors import ContentError
 from engine.release import records as rec
 
 SPLITS = ("train", "val", "test")
@@ -24,7 +26,7 @@ SPLITS = ("train", "val", "test")
 _ENTRY_ERRORS = (rec.MalformedEntry, KeyError, TypeError, ValueError, AttributeError)
 
 
-class ReleaseError(Exception):
+class ReleaseError(ContentError):
     """The release, or one of its files, cannot be read at all."""
 
 
@@ -48,7 +50,7 @@ class Release:
         self._cache: dict[Any, Any] = {}
 
     @classmethod
-    def open(cls, url: str, storage_options: dict | None = None) -> "Release":
+    def open(cls, url: str, storage_options: dict | None = None) -> Release:
         release = cls(url, storage_options)
         try:
             found = release.fs.exists(release.path("takes.json"))

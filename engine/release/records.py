@@ -12,11 +12,13 @@ from typing import Any
 
 import numpy as np
 
+from engine.errors import ContentError
+
 PSEUDO_CAMERAS = ("collage", "best_exo")
 EGO_STREAM_KEYS = ("rgb", "214-1")
 
 
-class MalformedEntry(ValueError):
+class MalformedEntry(ContentError, ValueError):
     """An annotation or metadata entry does not have the shape of the real schema."""
 
     def __init__(self, reason: str, code: str = "malformed_entry"):
@@ -79,11 +81,6 @@ class View:
     def key(self) -> str:
         """The name relations annotations use: ``aria01_214-1`` for ego, ``cam01`` for exo."""
         return f"{self.cam_id}_{self.stream_id}" if self.is_ego else self.cam_id
-
-    @property
-    def feature_name(self) -> str:
-        """``<cam_id>_<stream_id>`` as in the official feature files."""
-        return f"{self.cam_id}_{'rgb' if self.is_ego else self.stream_id}"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-from typing import Callable
+import sys
+from collections.abc import Callable
 
+from engine import params as P
+from engine import stage as stages
+from engine import storage
 from engine.release import records as rec
 from engine.release.reader import Problem, Release, ReleaseError
 from engine.video import VideoError, probe
@@ -218,3 +222,55 @@ def _check_ego_pose(release: Release, known: set[str], per_take: dict[str, list[
                 except (ReleaseError, rec.MalformedEntry, ValueError, TypeError) as e:
                     per_take[uid].append(Problem("malformed_entry", str(e), relative, take_uid=uid))
     return problems
+
+
+# ----------------------------------------------------------------------------- the stage
+
+RESOLUTIONS = ("full", "448")
+
+
+@dataclasses.dataclass(frozen=True)
+class ValidateParams(P.Params):
+    resolution: str = P.setting("full", "which video files to probe", choices=RESOLUTIONS)
+    workers: int = P.setting(8, "videos probed concurrently", fingerprint=False)
+
+
+def _run(params: ValidateParams, inputs: dict, out: str, ctx: stages.Context) -> dict:
+    report = validate(inputs["release"], ctx.storage_options, resolution=params.resolution,
+                      workers=params.workers).to_json()
+    fs, path = storage.filesystem(out, ctx.storage_options)
+    storage.write_json_atomic(fs, storage.join(path, "report.json"), report)
+    summary = report["summary"]
+    ctx.log(f"  validate: {summary['takes_ok']}/{summary['takes']} takes ok, {summary['problems']} problems")
+    return {**summary, "rejects": summary["takes"] - summary["takes_ok"]}
+
+
+def _rejects(record: dict) -> list[tuple[str, str]]:
+    fs, path = storage.filesystem(record["output"])
+    report = storage.read_json(fs, storage.join(path, "report.json"))
+    return [(p.get("take_uid") or p.get("file"), f"{p['code']}: {p['reason']}")
+            for p in report["problems"] + [p for t in report["takes"].values() for p in t["problems"]]]
+
+
+def _command(args, params: ValidateParams) -> int:
+    try:
+        report = validate(args.root, resolution=params.resolution, workers=params.workers)
+    except ReleaseError as e:
+        print(f"ee4d validate: cannot read the release: {e}", file=sys.stderr)
+        return 2
+    print(report.table())
+    if args.json:
+        fs, path = storage.filesystem(args.json)
+        storage.write_json_atomic(fs, path, report.to_json())
+        print(f"report: {args.json}")
+    return 0
+
+
+KIND = stages.register(stages.StageKind(
+    name="validate", params=ValidateParams, run=_run, inputs=("release",), rejects=_rejects,
+    help="probe every view and parse every annotation; problems per take",
+    resources=lambda params: f"driver: {params.workers} probe threads",
+    command=stages.Command("validate", "check a release (local path or s3://) and report problems per take",
+                           args=(("root", "release root: a path or an fsspec URL such as s3://bucket/prefix"),
+                                 ("--json", "also write the report as JSON here")),
+                           main=_command)))

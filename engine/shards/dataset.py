@@ -1,87 +1,83 @@
 """Reading shards back: decoded, time-aligned clips from a sample, for torch and for Ray Data.
 
-A sample arrives as webdataset gives it: ``{"__key__": ..., "json": bytes, "ego.mp4": bytes, ...}``.
-``decode_sample`` turns it into frames at the requested times, for every view, decoding
-only what those times need.
+A sample arrives as webdataset gives it: ``{"__key__": ..., "json": bytes, "ego.mp4": bytes, ...}``
+(its layout: ``engine.shards.schema``). ``decode_sample`` turns it into frames at the requested
+times, for every view, decoding only what those times need.
 """
 from __future__ import annotations
 
 import bisect
 import io
 import json
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
 from engine import video
+from engine.shards import schema
 
 
-def sample_times(meta: dict, num_frames: int | None = None, fps: float | None = None) -> np.ndarray:
+def sample_times(meta: schema.SampleMeta | dict | bytes, num_frames: int | None = None,
+                 fps: float | None = None) -> np.ndarray:
     """Times (seconds, take timeline) to decode: ``num_frames`` spread over the window, every
     ``1/fps`` seconds from its start, or every source frame."""
-    t0, t1 = meta["window"]["t0"], meta["window"]["t1"]
+    meta = schema.read_meta(meta)
+    t0, t1 = meta.window.t0, meta.window.t1
     if num_frames:
         return t0 + (np.arange(num_frames) + 0.5) * (t1 - t0) / num_frames
-    step = 1.0 / (fps or meta["take"]["fps"])
+    step = 1.0 / (fps or meta.take.fps)
     return np.arange(t0, t1 - 1e-9, step)
 
 
-def _source_frame(t: float, fps: float) -> int:
-    """The source frame on screen at time t: frame i covers [i/fps, (i+1)/fps)."""
-    return int(np.floor(t * fps + 1e-6))
-
-
-def decode_view(sample: dict, name: str, times: Sequence[float], size: tuple[int, int] | None = None) -> tuple[np.ndarray, list[int]]:
+def decode_view(sample: dict, name: str, times: Sequence[float],
+                size: tuple[int, int] | None = None) -> tuple[np.ndarray, list[int]]:
     """Frames of view ``name`` at ``times`` (uint8 [T, H, W, 3]) and the source frame of each."""
-    fps = _meta(sample)["take"]["fps"]
-    images, shown = view_frames(sample, name, [_source_frame(t, fps) for t in times], size)
+    fps = _meta(sample).take.fps
+    images, shown = view_frames(sample, name, [video.source_frame(t, fps) for t in times], size)
     return np.stack(images), shown
 
 
-def view_frames(sample: dict, name: str, wanted: Sequence[int], size: tuple[int, int] | None = None) -> tuple[list[np.ndarray], list[int]]:
+def view_frames(sample: dict, name: str, wanted: Sequence[int],
+                size: tuple[int, int] | None = None) -> tuple[list[np.ndarray], list[int]]:
     """Frames of view ``name`` showing source frames ``wanted``, and the source frame each shows.
 
     Video members show exactly the wanted frame; members kept at a lower rate (transcode or
     frames mode with --fps) show the latest kept frame at or before it.
     """
-    info = _meta(sample)["views"][name]
-    source = info["source_frames"]
+    info = _meta(sample).views[name]
+    source = info.source_frames
     picks = []
     for frame in wanted:
         k = bisect.bisect_right(source, frame) - 1
         if k < 0:
             raise ValueError(f"source frame {frame} is before the first frame of view {name}")
         picks.append(k)
-    if "members" in info:
-        images = [video.decode_jpeg(sample[info["members"][k]]) for k in picks]
-        if size:
-            import av
-            images = [av.VideoFrame.from_ndarray(im, format="rgb24").reformat(width=size[0], height=size[1])
-                      .to_ndarray(format="rgb24") for im in images]
+    if info.members is not None:
+        images = [video.decode_jpeg(sample[info.members[k]], size) for k in picks]
     else:
-        decoded = video.decode_at(sample[info["member"]], picks, size)
+        decoded = video.decode_at(sample[info.member], picks, size)
         images = [decoded[k] for k in picks]
     return images, [source[k] for k in picks]
 
 
-def _meta(sample: dict) -> dict:
-    meta = sample["json"]
-    return json.loads(meta) if isinstance(meta, (bytes, str)) else meta
+def _meta(sample: dict) -> schema.SampleMeta:
+    return schema.read_meta(sample[schema.JSON_MEMBER])
 
 
 def decode_sample(sample: dict, views: Iterable[str] | None = None, num_frames: int | None = None,
                   fps: float | None = None, size: tuple[int, int] | None = None) -> dict:
-    """Decoded clip: {"key", "json", "times", "frames": {view: uint8 [T,H,W,3]},
-    "source_frames": {view: [int]}, and "trajectory", "gaze", "audio" arrays when present}."""
+    """Decoded clip: {"key", "json" (the sample's meta as a JSON object), "times",
+    "frames": {view: uint8 [T,H,W,3]}, "source_frames": {view: [int]}, and "trajectory",
+    "gaze", "audio" arrays when present}."""
     # wids keeps the dot (".ego.mp4") and hands members over as streams.
     sample = {k.lstrip("."): v.getvalue() if isinstance(v, io.BytesIO) else v for k, v in sample.items()}
-    meta = _meta(sample)
+    meta = sample[schema.JSON_MEMBER] = _meta(sample)    # parsed once for every view
     times = sample_times(meta, num_frames, fps)
-    out = {"key": meta["key"], "json": meta, "times": times, "frames": {}, "source_frames": {}}
-    for name in views or sorted(meta["views"]):
+    out = {"key": meta.key, "json": meta.to_json(), "times": times, "frames": {}, "source_frames": {}}
+    for name in views or sorted(meta.views):
         out["frames"][name], out["source_frames"][name] = decode_view(sample, name, times, size)
-    for sensor, info in meta["sensors"].items():
-        out[sensor] = np.load(io.BytesIO(sample[info["member"]]), allow_pickle=False)
+    for sensor, info in meta.sensors.items():
+        out[sensor] = np.load(io.BytesIO(sample[info.member]), allow_pickle=False)
     return out
 
 

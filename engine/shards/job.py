@@ -11,8 +11,7 @@ Outputs under OUT:
   <split>/index.json                  wids-shard-index-v1 for random access
   manifest.parquet                    one row per sample (key, take_uid, split, t0, t1, shard, views, sha256)
   rejects.json                        take_uid, split and reason of every take left out
-  _config.json                        written first: a rerun with another config is refused
-  stage.json                          written last: the commit marker of the whole stage
+  stage.json                          the stage record (engine.stage): claimed first, marked done last
 """
 from __future__ import annotations
 
@@ -31,10 +30,12 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from engine import stage as stages
 from engine import storage
+from engine.errors import ContentError
 from engine.release import Release
-from engine.shards.plan import FORMAT_VERSION, ShardConfig, ShardSpec, plan_shards, select_views
-from engine.shards.sample import BadTake, TakeSource, build_samples
+from engine.shards.plan import ShardConfig, ShardSpec, plan_shards, select_views
+from engine.shards.sample import TakeSource, build_samples
 
 _RELEASES: dict[str, Release] = {}
 
@@ -98,13 +99,9 @@ def write_shard(spec: ShardSpec, release_url: str, out_url: str, config: ShardCo
                         row.update(shard=spec.name, sha256=digest.hexdigest(),
                                    bytes=sum(len(d) for _, d in members))
                         take_rows.append(row)
-                except BadTake as e:
+                except ContentError as e:    # anything else fails the shard: Ray retries it
                     rejects.append({"take_uid": uid, "take_name": take.take_name, "split": spec.split,
                                     "reason": str(e)})
-                    continue
-                except Exception as e:   # noqa: BLE001 - one odd take must not cost the other takes
-                    rejects.append({"take_uid": uid, "take_name": take.take_name, "split": spec.split,
-                                    "reason": f"{type(e).__name__}: {e}"})
                     continue
                 scratch.seek(0)
                 while chunk := scratch.read(1 << 24):
@@ -177,33 +174,32 @@ def plan(release: Release, config: ShardConfig) -> ShardPlan:
 
 def run(release_url: str, out_url: str, config: ShardConfig, storage_options: dict | None = None,
         address: str | None = None, progress: bool = True) -> dict:
-    """Run the shard job on Ray (local by default) and return the stage manifest."""
-    import ray
+    """Run the shard stage on its own (Ray, local by default); return its result."""
+    record = stages.run_one("shard", config, {"release": release_url}, out_url, storage_options=storage_options,
+                            address=address, progress=progress)
+    return record["result"]
 
-    release = Release.open(release_url, storage_options)
-    fs, out = storage.filesystem(out_url, storage_options)
-    fs.makedirs(out, exist_ok=True)
-    storage.claim(fs, out, {"source": release_url, "config": config.to_json(),
-                            "fingerprint": config.fingerprint(), "format": FORMAT_VERSION})
+
+def _run(config: ShardConfig, inputs: dict, out_url: str, ctx: stages.Context) -> dict:
+    release_url = inputs["release"]
+    release = Release.open(release_url, ctx.storage_options)
+    fs, out = storage.filesystem(out_url, ctx.storage_options)
     shard_plan = plan(release, config)
     todo = [s for s in shard_plan.specs if not fs.exists(_shard_paths(out, s)[1])]
-    log = print if progress else (lambda *a, **k: None)
-    log(f"shard: {len(shard_plan.specs)} shards planned, {len(shard_plan.specs) - len(todo)} already done, "
-        f"{len(todo)} to write")
+    ctx.log(f"shard: {len(shard_plan.specs)} shards planned, {len(shard_plan.specs) - len(todo)} already done, "
+            f"{len(todo)} to write")
     if todo:
-        if not ray.is_initialized():
-            ray.init(address=address, log_to_driver=False, configure_logging=False)
         import ray.data
-        ray.data.DataContext.get_current().enable_progress_bars = progress
+        ray.data.DataContext.get_current().enable_progress_bars = ctx.progress
         items = [{"spec": json.dumps(dataclasses.asdict(s))} for s in todo]
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         # One CPU per shard (decode and mux are single-threaded per stream), spread across
         # nodes; a worker killed mid-shard is retried and rewrites the shard from scratch.
-        ds = ds.map(_RayShardWriter(release_url, out_url, config, storage_options), num_cpus=1,
+        ds = ds.map(_RayShardWriter(release_url, out_url, config, ctx.storage_options), num_cpus=1,
                     ray_remote_args_fn=lambda: {"max_retries": 3, "scheduling_strategy": "SPREAD"})
         for row in ds.iter_rows():
-            log(f"  {row['shard']}: {row['samples']} samples, {row['failures']} rejected takes")
-    return finalize(fs, out, shard_plan, config, release_url)
+            ctx.log(f"  {row['shard']}: {row['samples']} samples, {row['failures']} rejected takes")
+    return finalize(fs, out, shard_plan)
 
 
 class _RayShardWriter:
@@ -219,8 +215,9 @@ class _RayShardWriter:
         return {"shard": stats["shard"], "samples": stats["samples"], "failures": len(stats["failures"])}
 
 
-def finalize(fs, out: str, shard_plan: ShardPlan, config: ShardConfig, release_url: str) -> dict:
-    """Gather every shard's stats into the manifest, the wids indexes, the rejects, and stage.json."""
+def finalize(fs, out: str, shard_plan: ShardPlan) -> dict:
+    """Gather every shard's stats into the manifest, the wids indexes and the rejects; return the
+    stage's result."""
     rows, rejects, per_split = [], list(shard_plan.rejects), {}
     for spec in shard_plan.specs:
         tar_path, stats_path = _shard_paths(out, spec)
@@ -246,13 +243,29 @@ def finalize(fs, out: str, shard_plan: ShardPlan, config: ShardConfig, release_u
     pq.write_table(table, buf)
     storage.write_bytes_atomic(fs, storage.join(out, "manifest.parquet"), buf.getvalue())
     storage.write_json_atomic(fs, storage.join(out, "rejects.json"), rejects)
-    manifest = {
-        "stage": "shard", "format": FORMAT_VERSION, "release": release_url, "config": config.to_json(),
-        "fingerprint": config.fingerprint(), "shards": {s: [x["shard"] for x in v] for s, v in per_split.items()},
+    return {
+        "shards": {s: [x["shard"] for x in v] for s, v in per_split.items()},
         "samples": len(rows), "bytes": sum(x["bytes"] for v in per_split.values() for x in v),
         "video_seconds": round(sum(x["video_seconds"] for v in per_split.values() for x in v), 3),
         "rejects": len(rejects), "nodes": sorted({x["node_id"] for v in per_split.values() for x in v
                                                    if x.get("node_id")}),
     }
-    storage.write_json_atomic(fs, storage.join(out, "stage.json"), manifest)
-    return manifest
+
+
+def _rejects(record: dict) -> list[tuple[str, str]]:
+    fs, path = storage.filesystem(record["output"])
+    return [(r.get("take_uid"), r.get("reason")) for r in storage.read_json(fs, storage.join(path, "rejects.json"))]
+
+
+def _summary(record: dict) -> str:
+    result = record["result"]
+    return (f"{result['samples']} samples in {sum(map(len, result['shards'].values()))} shards, "
+            f"{result['rejects']} rejected takes (see rejects.json) -> {record['output']}")
+
+
+KIND = stages.register(stages.StageKind(
+    name="shard", params=ShardConfig, run=_run, inputs=("release",), folder="shards", needs_ray=True, version=2,
+    rejects=_rejects, help="time-aligned multi-view WebDataset shards of a release (Ray Data)",
+    resources=lambda config: "Ray Data: one task (1 CPU) per shard, spread across nodes",
+    command=stages.Command("shard", "write time-aligned multi-view WebDataset shards of a release (Ray Data)",
+                           summary=_summary)))

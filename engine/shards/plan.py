@@ -6,50 +6,43 @@ crash plans exactly the same shards with the same keys.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 
+from engine import params as P
 from engine.release import records as rec
 
-FORMAT_VERSION = 1
 MODES = ("remux", "transcode", "frames")
 VIEW_SETS = ("ego", "ego+best_exo", "all")
+SPLITS = ("train", "val", "test")
+RESOLUTIONS = ("full", "448")
 
 
 @dataclasses.dataclass(frozen=True)
-class ShardConfig:
-    splits: tuple[str, ...] = ("train", "val", "test")
-    views: str = "all"
+class ShardConfig(P.Params):
+    splits: tuple[str, ...] = P.setting(SPLITS, "splits to shard", choices=SPLITS)
+    views: str = P.setting("all", "views in each sample", choices=VIEW_SETS)
     # 8 s windows, back to back: every frame lands in exactly one sample (shards hold the
     # source bytes once), a window holds most keystep segments whole, and remux's keyframe
     # pre-roll stays a small share of each clip.
-    window: float = 8.0
-    stride: float | None = None          # None: equal to window
-    mode: str = "remux"                  # measured fastest; see bench/shard.py
-    resolution: str = "448"              # source files: "448" (downscaled) or "full"
-    short_side: int | None = None        # transcode/frames: target short side (None: as source)
-    fps: float | None = None             # transcode/frames: target fps (None: 30, every frame)
-    gop: int = 30                        # transcode: keyframe interval, first frame is a keyframe
-    shard_bytes: int = 1_000_000_000     # target shard size
+    window: float = P.setting(8.0, "window length in seconds")
+    stride: float | None = P.setting(None, "window stride in seconds (default: the window)")
+    mode: str = P.setting("remux", "remux: copy packets (fast, cuts snap to keyframes); transcode: re-encode "
+                                   "exact windows; frames: JPEG frames", choices=MODES)
+    resolution: str = P.setting("448", "which source videos to read", choices=RESOLUTIONS)
+    short_side: int | None = P.setting(None, "transcode/frames: output short side (default: as the source)")
+    fps: float | None = P.setting(None, "transcode/frames: output frame rate (default: 30, every frame)")
+    gop: int = P.setting(30, "transcode: keyframe interval in frames")
+    shard_mb: float = P.setting(1000.0, "target shard size in MB")
 
     def __post_init__(self):
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
-        if self.views not in VIEW_SETS:
-            raise ValueError(f"views must be one of {', '.join(VIEW_SETS)}, got {self.views!r}")
-        if self.resolution not in ("full", "448"):
-            raise ValueError(f"resolution must be 'full' or '448', got {self.resolution!r}")
+        super().__post_init__()
         if not self.window > 0 or (self.stride is not None and not self.stride > 0):
             raise ValueError("window and stride must be positive")
         if self.mode == "remux" and (self.short_side or self.fps):
-            raise ValueError("remux copies packets: --short-side and --fps need --mode transcode or frames")
+            raise ValueError("remux copies packets: short_side and fps need mode transcode or frames")
 
-    def to_json(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def fingerprint(self) -> str:
-        blob = json.dumps({"config": self.to_json(), "format": FORMAT_VERSION}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    @property
+    def shard_bytes(self) -> int:
+        return int(self.shard_mb * 1e6)
 
 
 def window_frames(num_frames: int, window: float, stride: float | None, fps: float = 30.0) -> list[tuple[int, int]]:
@@ -63,11 +56,6 @@ def window_frames(num_frames: int, window: float, stride: float | None, fps: flo
             break
         start += step
     return out
-
-
-def sample_key(take_uid: str, start_frame: int) -> str:
-    """Deterministic, dot-free key of a window: webdataset splits names at the first dot."""
-    return f"{take_uid}_{start_frame:08d}"
 
 
 def select_views(take: rec.Take, views: str, resolution: str) -> list[tuple[str, rec.View]]:

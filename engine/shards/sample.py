@@ -8,21 +8,22 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-from typing import Iterator
+from collections.abc import Iterator
 
-import av
 import numpy as np
 import pyarrow.csv as pacsv
 
 from engine import video
+from engine.errors import ContentError
 from engine.release import Release
 from engine.release import records as rec
-from engine.shards.plan import ShardConfig, sample_key, select_views, window_frames
+from engine.shards import schema
+from engine.shards.plan import ShardConfig, select_views, window_frames
 
 FPS = 30.0
 
 
-class BadTake(Exception):
+class BadTake(ContentError):
     """This take cannot be sharded; the message says why."""
 
 
@@ -52,7 +53,7 @@ class TakeSource:
     gaze: tuple[list[str], np.ndarray] | None
 
     @classmethod
-    def load(cls, release: Release, take: rec.Take, split: str, config: ShardConfig) -> "TakeSource":
+    def load(cls, release: Release, take: rec.Take, split: str, config: ShardConfig) -> TakeSource:
         views = select_views(take, config.views, config.resolution)
         if not views:
             raise BadTake("no ego or exo view in takes.json")
@@ -186,7 +187,7 @@ def build_samples(release: Release, src: TakeSource, config: ShardConfig) -> Ite
     take = src.take
     for f0, f1 in window_frames(src.num_frames, config.window, config.stride, FPS):
         t0, t1 = f0 / FPS, f1 / FPS
-        key = sample_key(take.take_uid, f0)
+        key = schema.sample_key(take.take_uid, f0)
         members, views = [], {}
         for name, view in src.views:
             with release.open_file(view.path) as f:
@@ -197,47 +198,43 @@ def build_samples(release: Release, src: TakeSource, config: ShardConfig) -> Ite
                         clip = video.transcode(f, f0, f1, config.short_side, config.fps, config.gop)
                     else:
                         clip = video.jpeg_frames(f, f0, f1, config.short_side, config.fps)
-                except (video.VideoError, av.error.FFmpegError) as e:
+                except video.VideoError as e:
                     raise BadTake(f"{view.key} window [{t0:.3f}, {t1:.3f}): {e}") from None
-            info = {"cam_id": view.cam_id, "stream_id": view.stream_id, "is_ego": view.is_ego, "key": view.key,
-                    "source": view.path, "width": clip.width, "height": clip.height,
-                    "source_frames": clip.source_frames,
-                    "media_start": clip.source_frames[0] / FPS, "media_end": (clip.source_frames[-1] + 1) / FPS}
             if config.mode == "frames":
-                info["members"] = [f"{name}.{k:04d}.jpg" for k in range(len(clip.data))]
-                members += list(zip(info["members"], clip.data))
+                media = {"members": [schema.frame_member(name, k) for k in range(len(clip.data))]}
+                members += list(zip(media["members"], clip.data))
             else:
-                info["member"] = f"{name}.mp4"
-                members.append((info["member"], clip.data))
-            views[name] = info
+                media = {"member": schema.video_member(name)}
+                members.append((media["member"], clip.data))
+            views[name] = schema.ViewMeta(
+                cam_id=view.cam_id, stream_id=view.stream_id, is_ego=view.is_ego, key=view.key, source=view.path,
+                width=clip.width, height=clip.height, source_frames=clip.source_frames,
+                media_start=clip.source_frames[0] / FPS, media_end=(clip.source_frames[-1] + 1) / FPS, **media)
         sensors = {}
         for sensor_name, sensor in (("trajectory", src.trajectory), ("gaze", src.gaze)):
             part = _sensor_slice(sensor, t0, t1)
             if part is not None:
                 columns, data = part
-                sensors[sensor_name] = {"member": f"{sensor_name}.npy", "columns": columns, "rows": len(data)}
-                members.append((f"{sensor_name}.npy", _npy(data)))
+                sensors[sensor_name] = schema.ArraySensor(schema.sensor_member(sensor_name), columns, len(data))
+                members.append((sensors[sensor_name].member, _npy(data)))
         ego = next((v for n, v in src.views if n == "ego"), None)
         if ego is not None:
             with release.open_file(ego.path) as f:
                 audio, rate = video.decode_audio(f, t0, t1)
             if audio.size:
                 # float16 halves the bytes; its 11-bit mantissa is beyond what the AAC source holds.
-                sensors["audio"] = {"member": "audio.npy", "rate": rate, "channels": audio.shape[0],
-                                    "start": t0, "dtype": "float16"}
-                members.append(("audio.npy", _npy(audio.astype(np.float16))))
-        meta = {
-            "key": key,
-            "take": {"take_uid": take.take_uid, "take_name": take.take_name, "scenario": take.scenario,
-                     "task_name": take.task_name, "parent_task_id": take.parent_task_id, "split": src.split,
-                     "best_exo": take.best_exo, "num_frames": src.num_frames, "fps": FPS},
-            "window": {"t0": t0, "t1": t1, "start_frame": f0, "end_frame": f1},
-            "mode": config.mode,
-            "views": views,
-            "sensors": sensors,
-            "annotations": slice_annotations(src.annotations, t0, t1, f0, f1),
-        }
-        members.insert(0, ("json", json.dumps(meta, sort_keys=True).encode()))
+                sensors["audio"] = schema.AudioSensor(schema.sensor_member("audio"), rate=rate,
+                                                      channels=audio.shape[0], start=t0, dtype="float16")
+                members.append((sensors["audio"].member, _npy(audio.astype(np.float16))))
+        meta = schema.SampleMeta(
+            key=key,
+            take=schema.TakeInfo(take_uid=take.take_uid, take_name=take.take_name, scenario=take.scenario,
+                                 task_name=take.task_name, parent_task_id=take.parent_task_id, split=src.split,
+                                 best_exo=take.best_exo, num_frames=src.num_frames, fps=FPS),
+            window=schema.Window(t0=t0, t1=t1, start_frame=f0, end_frame=f1),
+            mode=config.mode, views=views, sensors=sensors,
+            annotations=slice_annotations(src.annotations, t0, t1, f0, f1))
+        members.insert(0, (schema.JSON_MEMBER, meta.encode()))
         row = {"key": key, "take_uid": take.take_uid, "split": src.split, "t0": t0, "t1": t1,
                "views": sorted(views)}
         yield key, members, row

@@ -1,8 +1,8 @@
-"""Benchmarks: examples from features, official metrics and submission files (see base.py)."""
-from engine.tasks.base import Examples, FeatureStore, Task
-from engine.tasks.keystep import KeystepRecognition
-from engine.tasks.proficiency import DemonstrationProficiency, DemonstratorProficiency
+"""Benchmarks: examples from features, official metrics and submission files (see base.py).
 
-TASKS = {t.name: t for t in (KeystepRecognition, DemonstratorProficiency, DemonstrationProficiency)}
+Each module below registers its benchmarks with ``@register``; importing it is its registry entry.
+"""
+from engine.tasks import keystep, proficiency  # noqa: F401 - registers the built-in benchmarks
+from engine.tasks.base import TASKS, Examples, Task, TrainConfig, register
 
-__all__ = ["TASKS", "Examples", "FeatureStore", "Task"]
+__all__ = ["TASKS", "Examples", "Task", "TrainConfig", "register"]

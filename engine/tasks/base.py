@@ -1,11 +1,14 @@
-"""What every benchmark gives the training loop, and the features it reads.
+"""What every benchmark gives the training loop.
 
-A task turns features (one file per take and view, from ``ee4d features``) and the release's
-annotations into examples (a pooled feature vector and a class per example), scores logits
-with the official metric, and writes and reads the official submission file; it may replace
-the default head (an MLP on standardized features) or loss (cross-entropy). The training loop
-(``engine.train``) knows nothing else about a task; adding a benchmark is one module with a
-``Task`` subclass plus one entry in ``engine.tasks.TASKS``.
+A task turns features (one file per take and view, from ``ee4d features``, read through
+``engine.features.store.FeatureStore``) and the release's annotations into examples (a pooled
+feature vector and a class per example), scores logits with the official metric, and writes
+and reads the official submission file; it may replace the default head (an MLP on
+standardized features) or loss (cross-entropy). The training loop (``engine.train``) knows
+nothing else about a task; adding a benchmark is one module with a ``Task`` subclass decorated
+with ``@register``, plus one import line in ``engine/tasks/__init__.py`` (or, for a user's own,
+its module in ``EE4D_PLUGINS``). A task's settings are its ``Options``: the training loop's
+``TrainConfig`` plus any of its own, declared once for the spec, the flags and the fingerprint.
 
 Scoring has one path: ``evaluate(submission(logits, examples), truth)``, the same function
 ``ee4d evaluate`` runs on anyone's submission file, so a training run's printed metric and
@@ -14,12 +17,14 @@ an evaluation of its submission agree by construction.
 from __future__ import annotations
 
 import dataclasses
-import functools
-import io
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from engine import storage
+from engine import params as P
+
+if TYPE_CHECKING:
+    from engine.features.store import FeatureStore
 
 
 @dataclasses.dataclass
@@ -32,7 +37,7 @@ class Examples:
         return len(self.y)
 
     @staticmethod
-    def concat(parts: list["Examples"], dim: int) -> "Examples":
+    def concat(parts: list[Examples], dim: int) -> Examples:
         parts = [p for p in parts if len(p)]
         if not parts:
             return Examples(np.zeros((0, dim), np.float32), np.zeros(0, np.int64), [])
@@ -40,9 +45,44 @@ class Examples:
                         [m for p in parts for m in p.meta])
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainConfig(P.Params):
+    """The training loop's settings, which every benchmark takes."""
+    epochs: int = P.setting(40, "epochs at most")
+    batch_size: int = P.setting(64, "global batch, split across workers")
+    lr: float = P.setting(1e-3, "learning rate (AdamW)")
+    weight_decay: float = P.setting(1e-4, "AdamW weight decay")
+    hidden: int = P.setting(256, "hidden units of the head")
+    dropout: float = P.setting(0.1, "dropout of the head")
+    patience: int = P.setting(8, "epochs without a better val metric before stopping")
+    seed: int = P.setting(0, "random seed (data order, initialisation, dropout)")
+    workers: int = P.setting(1, "Ray Train workers (GPUs when the cluster has them)")
+    cpus_per_worker: float = P.setting(1.0, "CPUs per worker, also torch's thread count")
+    use_gpu: bool | None = P.setting(None, "train on GPUs (default: when the cluster has them)")
+    max_failures: int = P.setting(2, "worker failures Ray Train recovers from, from the last checkpoint",
+                                  fingerprint=False)
+    checkpoint_every: int = P.setting(1, "epochs between checkpoints (the last epoch always gets one)",
+                                      fingerprint=False)
+
+
+TASKS: dict[str, type[Task]] = {}
+
+
+def register(cls: type[Task]) -> type[Task]:
+    """Make a benchmark known to the spec, the command line and the graph, by its ``name``."""
+    if cls.name in TASKS and TASKS[cls.name] is not cls:
+        raise ValueError(f"benchmark {cls.name!r} is registered twice")
+    TASKS[cls.name] = cls
+    return cls
+
+
 class Task:
     name: str = ""
     metric: str = ""               # the key of evaluate()'s result that early stopping maximizes
+    Options: type[TrainConfig] = TrainConfig    # a benchmark with options of its own subclasses it
+
+    def __init__(self, options: TrainConfig | None = None):
+        self.options = options if options is not None else self.Options()
 
     def num_classes(self, release) -> int:
         raise NotImplementedError
@@ -55,7 +95,7 @@ class Task:
         import torch
         return torch.nn.CrossEntropyLoss()
 
-    def examples(self, release, features: "FeatureStore", split: str, train: bool) -> Examples:
+    def examples(self, release, features: FeatureStore, split: str, train: bool) -> Examples:
         """Train examples may add views that evaluation does not use (exo for ego-only tasks)."""
         raise NotImplementedError
 
@@ -74,45 +114,6 @@ class Task:
     def baselines(self, train: Examples, truth: dict, split: str) -> dict:
         """Trivial baselines on the split, scored by evaluate()."""
         raise NotImplementedError
-
-
-class FeatureStore:
-    """A feature stage's output: per take view, window times and vectors."""
-
-    def __init__(self, url: str, storage_options: dict | None = None):
-        self.url, self.storage_options = url, storage_options
-        self.fs, self.path = storage.filesystem(url, storage_options)
-        stage_path = storage.join(self.path, "stage.json")
-        if not self.fs.exists(stage_path):
-            raise ValueError(f"{url} holds no finished feature stage (no stage.json); run `ee4d features` first")
-        self.stage = storage.read_json(self.fs, stage_path)
-        self.dim = int(self.stage["dim"])
-        self.names = sorted(p.rsplit("/", 1)[-1][:-3] for p in self.fs.glob(storage.join(self.path, "*.pt")))
-        self._by_take: dict[str, list[str]] = {}
-        for name in self.names:
-            self._by_take.setdefault(name.rsplit("_", 2)[0], []).append(name)
-
-    def views(self, take_uid: str) -> tuple[str | None, list[str]]:
-        """(ego feature name or None, exo feature names) of a take. Aria's stream is named ``rgb``."""
-        names = self._by_take.get(take_uid, [])
-        ego = [n for n in names if n.endswith("_rgb")]
-        return (ego[0] if ego else None), [n for n in names if not n.endswith("_rgb")]
-
-    @functools.lru_cache(maxsize=4096)
-    def load(self, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(t0 [W], t1 [W], vectors float32 [W, D]) of one take view."""
-        import pyarrow.parquet as pq
-        with self.fs.open(storage.join(self.path, "parquet", f"{name}.parquet"), "rb") as f:
-            table = pq.read_table(io.BytesIO(f.read()))
-        order = np.argsort(table.column("window").to_numpy())
-        vectors = np.stack(table.column("vector").to_numpy(zero_copy_only=False)).astype(np.float32)
-        return table.column("t0").to_numpy()[order], table.column("t1").to_numpy()[order], vectors[order]
-
-    def release_url(self) -> str:
-        """The release these features come from: features -> shards -> release, by their _config.json."""
-        config = storage.read_json(self.fs, storage.join(self.path, "_config.json"))
-        shards_fs, shards = storage.filesystem(config["source"], self.storage_options)
-        return storage.read_json(shards_fs, storage.join(shards, "_config.json"))["source"]
 
 
 def build_head(scale: np.ndarray, classes: int, hidden: int, dropout: float):

@@ -11,24 +11,33 @@ without a prediction counts as wrong.
 """
 from __future__ import annotations
 
+import dataclasses
+from typing import TYPE_CHECKING
+
 import numpy as np
 
-from engine.tasks.base import Examples, FeatureStore, Task, pool
+from engine import params as P
+from engine.features.store import is_ego
+from engine.tasks.base import Examples, Task, TrainConfig, pool, register
 from engine.tasks.metrics import majority_class, top1_accuracy
+
+if TYPE_CHECKING:
+    from engine.features.store import FeatureStore
 
 
 def _key(take_uid: str, start: float, end: float) -> str:
     return f"{take_uid}|{start:.3f}|{end:.3f}"
 
 
+@register
 class KeystepRecognition(Task):
     name = "keystep_recognition"
     metric = "top1"
 
-    def __init__(self, train_views: str = "ego"):
-        if train_views not in ("ego", "ego+exo"):
-            raise ValueError(f"train_views must be 'ego' or 'ego+exo', got {train_views!r}")
-        self.train_views = train_views
+    @dataclasses.dataclass(frozen=True)
+    class Options(TrainConfig):
+        train_views: str = P.setting("ego", "views used for training (evaluation is ego only)",
+                                     choices=("ego", "ego+exo"))
 
     def num_classes(self, release) -> int:
         return max(m.label_id for m in release.label_mapping()) + 1
@@ -37,7 +46,7 @@ class KeystepRecognition(Task):
         xs, ys, meta = [], [], []
         for seg in release.keystep_segments(split):
             ego, exo = features.views(seg.take_uid)
-            names = ([ego] if ego else []) + (exo if train and self.train_views == "ego+exo" else [])
+            names = ([ego] if ego else []) + (exo if train and self.options.train_views == "ego+exo" else [])
             for name in names:
                 xs.append(pool(*features.load(name), seg.start_time, seg.end_time))
                 ys.append(-1 if seg.label_id is None else seg.label_id)
@@ -52,7 +61,7 @@ class KeystepRecognition(Task):
     def submission(self, logits: np.ndarray, examples: Examples, split: str) -> dict:
         segments = [{"take_uid": m["take_uid"], "start_time": m["start_time"], "end_time": m["end_time"],
                      "label_id": int(np.argmax(row)), "logits": [round(float(v), 5) for v in row]}
-                    for m, row in zip(examples.meta, logits) if m["view"].endswith("_rgb")]
+                    for m, row in zip(examples.meta, logits) if is_ego(m["view"])]
         return {"task": self.name, "split": split, "segments": segments}
 
     def evaluate(self, submission: dict, truth: dict) -> dict:

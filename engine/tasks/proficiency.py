@@ -17,11 +17,16 @@ window centres. Submission: ``{"task", "split", "takes": {take_uid: {"good_execu
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from engine.release.catalog import PROFICIENCY_LEVELS
-from engine.tasks.base import Examples, FeatureStore, Task
+from engine.tasks.base import Examples, Task, register
 from engine.tasks.metrics import detection_map, majority_class, top1_accuracy
+
+if TYPE_CHECKING:
+    from engine.features.store import FeatureStore
 
 CLIP_WINDOWS = 4           # feature windows per demonstrator clip (about 2.1 s at the official stride)
 EVENT_CLASSES = ("good_executions", "tips_for_improvement")
@@ -32,6 +37,7 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return z / z.sum(axis=-1, keepdims=True)
 
 
+@register
 class DemonstratorProficiency(Task):
     name = "demonstrator_proficiency"
     metric = "top1_ego_exo"
@@ -102,6 +108,7 @@ class DemonstratorProficiency(Task):
         return {"majority": top1_accuracy([majority] * len(wanted), list(wanted.values()))}
 
 
+@register
 class DemonstrationProficiency(Task):
     name = "demonstration_proficiency"
     metric = "mAP"

@@ -1,12 +1,13 @@
 """One training loop for every benchmark, on Ray Train's TorchTrainer.
 
 Train examples travel as a Ray Dataset and reach each worker through ``get_dataset_shard``
-(read once, then reshuffled in memory each epoch: they are pooled features); the global batch is split across workers and DDP averages gradients, so one worker and two
-train the same model up to data order. After every epoch each worker scores the validation
-split with the task's official metric (same weights on every rank, so every rank takes the same
-early-stopping decision) and reports; rank 0 attaches a checkpoint holding the model, the
-optimizer, the history and the best weights so far. Rerunning the same command with the same
-OUT resumes from the last checkpoint (Ray Train restores a run by its storage path and name).
+(read once, then reshuffled in memory each epoch: they are pooled features); the global batch
+is split across workers and DDP averages gradients, so one worker and two train the same model
+up to data order. After every epoch each worker scores the validation split with the task's
+official metric (same weights on every rank, so every rank takes the same early-stopping
+decision) and reports; rank 0 attaches a checkpoint holding the model, the optimizer, the
+history and the best weights so far. Rerunning the same command with the same OUT resumes from
+the last checkpoint (Ray Train restores a run by its storage path and name).
 
 Outputs under OUT: ``ray/`` (Ray Train's run and checkpoints), ``metrics.jsonl`` (one line per
 epoch), ``model.pt`` (the best head's state_dict), ``submission_<split>.json`` for val and
@@ -25,24 +26,7 @@ import time
 import numpy as np
 
 from engine import storage
-from engine.tasks.base import Examples, Task, feature_scale
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    epochs: int = 40
-    batch_size: int = 64              # global: each of N workers takes batch_size / N
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    hidden: int = 256
-    dropout: float = 0.1
-    patience: int = 8                 # epochs without a better val metric before stopping
-    seed: int = 0
-    workers: int = 1
-    cpus_per_worker: float = 1.0      # also torch's thread count on each worker
-    use_gpu: bool | None = None       # None: when the cluster has GPUs
-    max_failures: int = 2             # worker failures Ray Train recovers from, from the last checkpoint
-    checkpoint_every: int = 1         # epochs between checkpoints (the last epoch always gets one)
+from engine.tasks.base import Examples, Task, TrainConfig, feature_scale
 
 
 def predict(model, x: np.ndarray, batch: int = 4096) -> np.ndarray:
@@ -78,9 +62,9 @@ def train_epoch(model, optimizer, loss_fn, x, y, batch_size: int, seed: int) -> 
 
 def train_loop(cfg: dict) -> None:
     """The per-worker function (plain torch plus ray.train calls)."""
-    import torch
     import ray.train
     import ray.train.torch
+    import torch
 
     task: Task = cfg["task"]
     config: TrainConfig = cfg["config"]
@@ -190,8 +174,8 @@ def run(task: Task, features_url: str, out: str, config: TrainConfig, release_ur
     """Build examples, train, write the best model, submissions and result.json; return the result."""
     import torch
 
+    from engine.features.store import FeatureStore
     from engine.release import Release
-    from engine.tasks.base import FeatureStore
 
     log = print if progress else (lambda *a, **k: None)
     features = FeatureStore(features_url)

@@ -1,6 +1,6 @@
 """How the demonstrator moves: the labels of a take, turned into 3D motion for every frame.
 
-See the docstring of ``engine.release.synth`` for which label leaves which trace.
+See the docstring of ``engine.miniature.synth`` for which label leaves which trace.
 """
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import dataclasses
 
 import numpy as np
 
-from engine.release import scene as sc
+from engine.miniature import scene as sc
 from engine.release.catalog import BODY_JOINTS, FINGERS, HAND_JOINTS, PROFICIENCY_LEVELS
 
 FPS = 30

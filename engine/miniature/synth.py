@@ -1,6 +1,6 @@
 """Miniature Ego-Exo4D release: the real layout and schemas, real H.264 video, learnable labels.
 
-Each take is one 3D scene (``engine.release.scene``): a demonstrator with 17 body and
+Each take is one 3D scene (``engine.miniature.scene``): a demonstrator with 17 body and
 2 x 21 hand joints, a few static objects, four static GoPros and an Aria camera riding on
 the head. Every video, 2D/3D keypoint, camera pose and object mask is a projection of that
 scene, so they agree across views. Every frame carries a stamp of its index
@@ -48,13 +48,20 @@ from pathlib import Path
 import av
 import numpy as np
 
-from engine.release import motion as mo
-from engine.release import scene as sc
-from engine.release.catalog import (BODY_JOINTS, EGO_CAM, EGO_STREAM, EGO_STREAM_NAME, HAND_JOINTS,
-                                    PROFICIENCY_LEVELS, SCENARIOS, UNIVERSITIES, Scenario,
-                                    keystep_classes, keystep_unique_id, scenario_by_name)
+from engine.miniature import motion as mo
+from engine.miniature import scene as sc
+from engine.miniature.scenarios import (
+    EGO_CAM,
+    SCENARIOS,
+    UNIVERSITIES,
+    Scenario,
+    keystep_classes,
+    keystep_unique_id,
+    scenario_by_name,
+)
+from engine.miniature.stamp import draw_stamp, read_stamp  # noqa: F401  (read_stamp is part of this API)
+from engine.release.catalog import BODY_JOINTS, EGO_STREAM, EGO_STREAM_NAME, HAND_JOINTS, PROFICIENCY_LEVELS
 from engine.release.masks import encode_mask
-from engine.release.stamp import draw_stamp, read_stamp  # noqa: F401  (read_stamp is part of this API)
 from engine.video import VideoWriter
 
 FPS = mo.FPS
@@ -171,7 +178,7 @@ def _plan_segments(rng, scenario: Scenario, seconds: float, classes) -> list[mo.
     order = []
     while len(order) < 64:
         order += steps
-    for pos, step in enumerate(order):
+    for _pos, step in enumerate(order):
         if scenario.keysteps and step % 3 == 2 and rng.random() < 0.25:
             continue  # optional steps are sometimes skipped
         duration = float(rng.uniform(1.4, 2.6))
@@ -554,6 +561,8 @@ def _write_metadata(root: Path, plans: list[TakePlan]) -> None:
                   "university_id": p.university} for p in plans])
     _write_json(root / "visual_objects.json",
                 sorted({o["name"].rsplit("_", 1)[0] for p in plans for o in p.objects}))
+    # "generator" keeps the module's name of when miniature-v2 was defined (it now lives in
+    # engine.miniature.synth), so a given seed still writes the same bytes.
     _write_json(root / "metadata.json", {"version": "miniature-v2", "takes": len(plans),
                                          "generator": "engine.release.synth"})
     for plan in plans:

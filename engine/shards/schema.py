@@ -1,0 +1,239 @@
+"""The shard sample layout, version 1: what one sample's JSON holds and how its members are named.
+
+One sample is one time window of one take with every selected view. Its tar members, named
+``<key>.<member>``:
+  json                  the sample's meta (``SampleMeta``), with its layout ``version``
+  <view>.mp4            remux and transcode modes: the view's clip
+  <view>.NNNN.jpg       frames mode: one JPEG per kept frame, NNNN counting from 0000
+  trajectory.npy        sensor slices: float64 [rows, columns], timestamps (us) first
+  gaze.npy
+  audio.npy             the ego audio: float16 [channels, samples]
+
+The shard writer builds a ``SampleMeta`` and stores ``to_json()``; every reader goes through
+``SampleMeta.from_json`` (or ``read_meta``), which refuses, naming the sample, a version it
+does not know or a field missing. A change to the layout is a new ``VERSION``, with the
+readers of the old one kept or refused on purpose. Samples written before the version field
+existed have no ``version`` and otherwise exactly the version 1 layout: they read as 1.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+from engine.errors import ContentError
+
+VERSION = 1
+READABLE_VERSIONS = (1,)
+JSON_MEMBER = "json"
+
+
+class SchemaError(ContentError, ValueError):
+    """A sample's meta is not a layout this code reads; the message names the sample and why."""
+
+
+# ----------------------------------------------------------------------------- names
+
+def sample_key(take_uid: str, start_frame: int) -> str:
+    """Deterministic, dot-free key of a window: webdataset splits names at the first dot."""
+    return f"{take_uid}_{start_frame:08d}"
+
+
+def video_member(view: str) -> str:
+    """The member holding a view's clip (remux and transcode modes): ``ego.mp4``."""
+    return f"{view}.mp4"
+
+
+def frame_member(view: str, index: int) -> str:
+    """The member holding a view's ``index``-th kept frame (frames mode): ``ego.0007.jpg``."""
+    return f"{view}.{index:04d}.jpg"
+
+
+def sensor_member(sensor: str) -> str:
+    """The member holding a sensor slice: ``trajectory.npy``, ``gaze.npy``, ``audio.npy``."""
+    return f"{sensor}.npy"
+
+
+# ----------------------------------------------------------------------------- records
+
+def _fields(cls, data: Any, where: str, key: str) -> dict:
+    """``data``'s entries for the fields of ``cls``; a clear SchemaError when it is not an object,
+    lacks a field without a default, or holds a field ``cls`` does not have."""
+    if not isinstance(data, dict):
+        raise SchemaError(f"sample {key}: {where} is {type(data).__name__}, expected an object")
+    fields = dataclasses.fields(cls)
+    names = {f.name for f in fields}
+    missing = [f.name for f in fields if f.name not in data
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise SchemaError(f"sample {key}: {where} lacks field{'s' if len(missing) > 1 else ''} "
+                          f"{', '.join(missing)}")
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise SchemaError(f"sample {key}: {where} holds unknown field{'s' if len(unknown) > 1 else ''} "
+                          f"{', '.join(unknown)}")
+    return {name: data[name] for name in names if name in data}
+
+
+@dataclasses.dataclass(frozen=True)
+class TakeInfo:
+    """The take a sample comes from, as takes.json and the splits describe it."""
+    take_uid: str
+    take_name: str
+    scenario: str | None
+    task_name: str | None
+    parent_task_id: int | None
+    split: str
+    best_exo: str | None
+    num_frames: int              # of the whole take, every view
+    fps: float                   # of the take's timeline (source frame i covers [i/fps, (i+1)/fps))
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Any, key: str = "?") -> TakeInfo:
+        return cls(**_fields(cls, data, "take", key))
+
+
+@dataclasses.dataclass(frozen=True)
+class Window:
+    """The sample's time window on the take's timeline: [t0, t1) s, source frames [start_frame, end_frame)."""
+    t0: float
+    t1: float
+    start_frame: int
+    end_frame: int
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Any, key: str = "?") -> Window:
+        return cls(**_fields(cls, data, "window", key))
+
+
+@dataclasses.dataclass(frozen=True)
+class ViewMeta:
+    """One view's media in a sample: a clip (``member``) or one JPEG per kept frame (``members``)."""
+    cam_id: str
+    stream_id: str
+    is_ego: bool
+    key: str                       # the release's view key
+    source: str                    # the source file, relative to the release
+    width: int
+    height: int
+    source_frames: list[int]       # entry k: the source frame the view's frame k shows
+    media_start: float             # seconds on the take's timeline the media covers
+    media_end: float
+    member: str | None = None      # remux, transcode: ``<view>.mp4``
+    members: list[str] | None = None   # frames: ``<view>.NNNN.jpg``, one per entry of source_frames
+
+    def to_json(self) -> dict:
+        out = dataclasses.asdict(self)
+        for name in ("member", "members"):
+            if out[name] is None:
+                del out[name]
+        return out
+
+    @classmethod
+    def from_json(cls, data: Any, name: str = "?", key: str = "?") -> ViewMeta:
+        view = cls(**_fields(cls, data, f"views.{name}", key))
+        if (view.member is None) == (view.members is None):
+            raise SchemaError(f"sample {key}: views.{name} needs exactly one of member (a clip) "
+                              f"and members (frames)")
+        return view
+
+
+@dataclasses.dataclass(frozen=True)
+class ArraySensor:
+    """A sensor table's slice (trajectory, gaze): ``member`` holds float64 [rows, len(columns)]."""
+    member: str
+    columns: list[str]
+    rows: int
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class AudioSensor:
+    """The ego audio's slice: ``member`` holds [channels, samples] of ``dtype`` from time ``start``."""
+    member: str
+    rate: int
+    channels: int
+    start: float
+    dtype: str
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+Sensor = ArraySensor | AudioSensor
+SENSORS: dict[str, type] = {"trajectory": ArraySensor, "gaze": ArraySensor, "audio": AudioSensor}
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleMeta:
+    """The JSON of one sample. ``annotations`` stays in the release's own terms (benchmark name
+    -> what of it falls in the window), as plain JSON."""
+    key: str
+    take: TakeInfo
+    window: Window
+    mode: str                      # remux, transcode or frames
+    views: dict[str, ViewMeta]     # by member name: ``ego``, exo views by cam_id
+    sensors: dict[str, Sensor]     # by name: trajectory, gaze, audio (those present)
+    annotations: dict[str, Any]
+    version: int = VERSION
+
+    def to_json(self) -> dict:
+        return {"version": self.version, "key": self.key, "take": self.take.to_json(),
+                "window": self.window.to_json(), "mode": self.mode,
+                "views": {name: view.to_json() for name, view in self.views.items()},
+                "sensors": {name: sensor.to_json() for name, sensor in self.sensors.items()},
+                "annotations": self.annotations}
+
+    def encode(self) -> bytes:
+        """The ``json`` member's bytes."""
+        return json.dumps(self.to_json(), sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, data: Any) -> SampleMeta:
+        """A sample's meta from its parsed JSON; SchemaError, naming the sample, when its version
+        is unknown or a field is missing."""
+        key = data.get("key", "?") if isinstance(data, dict) else "?"
+        if not isinstance(data, dict):
+            raise SchemaError(f"sample {key}: meta is {type(data).__name__}, expected an object")
+        version = data.get("version", 1)   # written before the field existed: the version 1 layout
+        if type(version) is not int or version not in READABLE_VERSIONS:
+            raise SchemaError(f"sample {key}: layout version {version!r} is not one this reader knows "
+                              f"({', '.join(map(str, READABLE_VERSIONS))}); read it with a matching engine "
+                              f"or write the shards again")
+        fields = _fields(cls, {"version": version, **data}, "meta", key)
+        views, sensors = fields["views"], fields["sensors"]
+        if not isinstance(views, dict) or not isinstance(sensors, dict):
+            raise SchemaError(f"sample {key}: views and sensors must be objects")
+        unknown = sorted(set(sensors) - set(SENSORS))
+        if unknown:
+            raise SchemaError(f"sample {key}: unknown sensor{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}")
+        if not isinstance(fields["annotations"], dict):
+            raise SchemaError(f"sample {key}: annotations must be an object")
+        return cls(
+            key=fields["key"], take=TakeInfo.from_json(fields["take"], key),
+            window=Window.from_json(fields["window"], key), mode=fields["mode"],
+            views={name: ViewMeta.from_json(v, name, key) for name, v in views.items()},
+            sensors={name: SENSORS[name](**_fields(SENSORS[name], s, f"sensors.{name}", key))
+                     for name, s in sensors.items()},
+            annotations=fields["annotations"], version=version)
+
+
+def read_meta(value: Any) -> SampleMeta:
+    """The typed meta of a sample from its ``json`` member however a reader holds it: bytes or
+    text (webdataset, wids, Ray Data), the parsed object, or already a ``SampleMeta``."""
+    if isinstance(value, SampleMeta):
+        return value
+    if isinstance(value, (bytes, bytearray, str)):
+        try:
+            value = json.loads(value)
+        except ValueError as e:
+            raise SchemaError(f"sample ?: json member does not parse: {e}") from None
+    return SampleMeta.from_json(value)

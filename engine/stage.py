@@ -1,0 +1,244 @@
+"""What a stage is, and the one way every stage runs.
+
+A stage kind is one module that builds a ``StageKind`` and registers it (one line in
+``BUILTIN`` below, or ``EE4D_PLUGINS=package.module`` for a user's own): its settings (a
+``Params`` dataclass), the kinds it reads, how it runs, what it contributes to the report and
+whether it has a command of its own. The graph (``engine.graph``) and the command line plan,
+fingerprint, run, record and report every kind the same way.
+
+A stage run writes into one output folder and, last, ``stage.json`` with ``"status":
+"done"``: that record is the commit marker. It is written first with ``"status":
+"running"`` (the claim), so a folder never mixes two configurations: rerun with the same
+fingerprint, a stage resumes in place (finished units are kept); with another, it refuses.
+
+The fingerprint hashes the kind, its format version, the settings that fix its output
+(``Params.identity``) and its inputs' fingerprints, so the same work has the same fingerprint
+whether the graph or a command ran it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import json
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+from engine import storage
+
+RECORD = "stage.json"
+# Modules that register the built-in kinds and benchmarks, in run order.
+BUILTIN = ("engine.release.stage", "engine.release.validate", "engine.shards.job", "engine.features.job",
+           "engine.train.stage", "engine.graph.report")
+PLUGINS_ENV = "EE4D_PLUGINS"
+
+
+@dataclasses.dataclass
+class Context:
+    """What a stage's work may use besides its settings, inputs and output folder."""
+    progress: bool = True                 # log and show progress bars
+    storage_options: dict | None = None
+    address: str | None = None            # Ray address for stages that need a cluster
+    run_out: str | None = None            # the graph's output folder (None outside a graph)
+    run_name: str = ""
+    stage: str = ""                       # the stage being run, e.g. task/keystep_recognition
+    records: dict[str, dict] = dataclasses.field(default_factory=dict)   # this run's records so far
+    urls: dict[str, str] = dataclasses.field(default_factory=dict)       # this run's stage outputs
+
+    def log(self, *args, **kwargs) -> None:
+        if self.progress:
+            print(*args, **kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    """A stage kind's command, ``ee4d NAME ...``. By default it runs the stage on its own:
+    ``ee4d NAME INPUT... OUT [--flags]`` (inputs are URLs of finished stages, optional inputs
+    ``--KIND URL``, flags from the kind's params) and prints ``summary(record)``. A kind may
+    instead give its own positional ``args``, flags (``params``) and ``main(args, params)``."""
+    name: str
+    help: str
+    summary: Callable[[dict], str] | None = None
+    args: tuple[tuple[str, str], ...] = ()
+    main: Callable[[Any, Any], int] | None = None
+    params: type | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class StageKind:
+    name: str                             # the record's kind
+    params: type                          # a Params dataclass: spec section, flags, fingerprint
+    run: Callable[[Any, dict[str, str], str, Context], dict]   # (settings, input URLs, out, ctx) -> result
+    inputs: tuple[str, ...] = ()          # kinds it reads; all must be in the graph
+    optional_inputs: tuple[str, ...] = ()  # kinds it reads when the graph has them
+    version: int = 1                      # bump when the output format changes: old outputs stop matching
+    section: str = ""                     # its key in a job spec (default: the name)
+    folder: str = ""                      # under the run's output (default: the name)
+    needs_ray: bool = False
+    help: str = ""
+    # A kind with variants is a family (the benchmarks): its spec section maps each variant's
+    # name to its settings (the variant's own Params class), each runs as ``<name>/<variant>``.
+    variants: Callable[[], dict[str, type]] | None = None
+    resources: Callable[[Any], str] = lambda params: "driver only"
+    check: Callable[[Any], None] | None = None    # checks needing this machine's files (before any work)
+    report: Callable[[list[dict], Context], str] | None = None   # an HTML section from its records
+    rejects: Callable[[dict], list[tuple[str, str]]] | None = None   # (unit, reason) of a finished record
+    command: Command | None = None
+    # A kind whose output may be given rather than made (a release): where it is for these
+    # settings (None: make it), and its fingerprint from what is there.
+    given_url: Callable[[Any], str | None] = lambda params: None
+    given: Callable[[str, dict | None], str] | None = None
+    uses_all_stages: bool = False         # the report: reads every other stage of the run; runs last
+
+    @property
+    def key(self) -> str:
+        return self.section or self.name
+
+
+_KINDS: dict[str, StageKind] = {}
+_loaded = False
+
+
+def register(kind: StageKind) -> StageKind:
+    if kind.name in _KINDS and _KINDS[kind.name] is not kind:
+        raise ValueError(f"stage kind {kind.name!r} is registered twice")
+    _KINDS[kind.name] = kind
+    return kind
+
+
+def kinds() -> dict[str, StageKind]:
+    """Every registered kind, built-in ones first, then those of ``EE4D_PLUGINS`` modules."""
+    global _loaded
+    if not _loaded:
+        _loaded = True
+        plugins = [m.strip() for m in os.environ.get(PLUGINS_ENV, "").split(",") if m.strip()]
+        for module in BUILTIN + tuple(plugins):
+            importlib.import_module(module)
+    return _KINDS
+
+
+def kind(name: str) -> StageKind:
+    known = kinds()
+    if name not in known:
+        raise ValueError(f"unknown stage kind {name!r}; known: {', '.join(known)}")
+    return known[name]
+
+
+# ----------------------------------------------------------------------------- fingerprints, records
+
+def fingerprint(stage_kind: StageKind, params, inputs: dict[str, str], variant: str | None = None) -> str:
+    """Hash of the kind (and variant), its format version, the settings that fix its output and
+    the inputs' fingerprints (input -> fingerprint)."""
+    blob = json.dumps({"kind": stage_kind.name, "variant": variant, "version": stage_kind.version,
+                       "params": params.identity(), "inputs": inputs}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def read_record(url: str, storage_options: dict | None = None) -> dict | None:
+    fs, path = storage.filesystem(url, storage_options)
+    record_path = storage.join(path, RECORD)
+    return storage.read_json(fs, record_path) if fs.exists(record_path) else None
+
+
+def finished(url: str, kind_name: str, storage_options: dict | None = None) -> dict:
+    """The record of a finished stage of ``kind_name`` at ``url``, or ValueError saying what is missing."""
+    record = read_record(url, storage_options)
+    if not record or record.get("status") != "done":
+        command = kind(kind_name).command
+        hint = f"; run `ee4d {command.name}` first" if command else ""
+        raise ValueError(f"{url} holds no finished {kind_name} stage (no {RECORD} marked done){hint}")
+    if record["kind"] != kind_name:
+        raise ValueError(f"{url} holds a {record['kind']} stage, not {kind_name}")
+    return record
+
+
+def input_fingerprint(kind_name: str, url: str, storage_options: dict | None = None) -> str:
+    """The fingerprint of an input: its record's, or for a given release, one from its listing."""
+    record = read_record(url, storage_options)
+    if record is None and kind(kind_name).given:
+        return kind(kind_name).given(url, storage_options)
+    if record is None:
+        finished(url, kind_name, storage_options)     # raises with the reason
+    return record["fingerprint"]
+
+
+def upstream(url: str, kind_name: str, storage_options: dict | None = None) -> str:
+    """The URL of the ``kind_name`` stage that the stage at ``url`` read, followed back through records."""
+    record = read_record(url, storage_options)
+    while record is not None:
+        inputs = record.get("inputs", {})
+        if kind_name in inputs:
+            return inputs[kind_name]["url"]
+        parent = next(iter(inputs.values()), None)
+        record = read_record(parent["url"], storage_options) if parent else None
+    raise ValueError(f"{url}: no {kind_name} stage in its lineage")
+
+
+@dataclasses.dataclass
+class Stage:
+    """One planned stage: a kind, its settings, its inputs and where it writes."""
+    name: str                             # the kind, or <kind>/<variant>
+    kind: StageKind
+    params: Any
+    inputs: dict[str, str]                # input kind -> stage name in the graph (or a URL outside one)
+    fingerprint: str
+    url: str
+
+    def record(self, status: str, input_urls: dict[str, str], input_fps: dict[str, str], **extra) -> dict:
+        return {"stage": self.name, "kind": self.kind.name, "version": self.kind.version, "status": status,
+                "fingerprint": self.fingerprint, "output": self.url, "config": self.params.to_json(),
+                "inputs": {k: {"url": input_urls[k], "fingerprint": input_fps[k]} for k in input_urls},
+                **extra}
+
+
+def execute(stage: Stage, input_urls: dict[str, str], input_fps: dict[str, str], ctx: Context,
+            commit: bool = True) -> dict:
+    """Claim the stage's folder, run its work, commit its record; return the record.
+
+    A finished stage with this fingerprint is returned as it is (``status`` "reused"). A
+    failure (or ``commit=False``) leaves the claim, never a done record, so a rerun redoes
+    what is missing."""
+    fs, path = storage.filesystem(stage.url, ctx.storage_options)
+    record_path = storage.join(path, RECORD)
+    existing = storage.read_json(fs, record_path) if fs.exists(record_path) else None
+    if existing and existing.get("fingerprint") != stage.fingerprint:
+        raise ValueError(f"{stage.url} holds the output of another configuration or input "
+                         f"(fingerprint {existing.get('fingerprint')}, this is {stage.fingerprint}); "
+                         "use a new output location")
+    if existing and existing.get("status") == "done":
+        return {**existing, "status": "reused"}
+    storage.write_json_atomic(fs, record_path, stage.record("running", input_urls, input_fps))
+    started = time.time()
+    if stage.kind.needs_ray:
+        ensure_ray(ctx.address)
+    result = stage.kind.run(stage.params, input_urls, stage.url, dataclasses.replace(ctx, stage=stage.name))
+    record = stage.record("done", input_urls, input_fps, seconds=round(time.time() - started, 3),
+                          finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), result=result)
+    if commit:
+        storage.write_json_atomic(fs, record_path, record)
+    return {**record, "status": "ran"}
+
+
+def run_one(kind_name: str, params, inputs: dict[str, str], out: str, *, variant: str | None = None,
+            storage_options: dict | None = None, address: str | None = None, progress: bool = True) -> dict:
+    """Run one stage outside a graph: inputs are URLs by kind; returns its record."""
+    stage_kind = kind(kind_name)
+    inputs, out = {k: storage.absolute(url) for k, url in inputs.items()}, storage.absolute(out)
+    missing = [k for k in stage_kind.inputs if k not in inputs]
+    if missing:
+        raise ValueError(f"{kind_name}: needs input {', '.join(missing)}")
+    input_fps = {k: input_fingerprint(k, url, storage_options) for k, url in inputs.items()}
+    name = f"{kind_name}/{variant}" if variant else kind_name
+    stage = Stage(name, stage_kind, params, dict(inputs), fingerprint(stage_kind, params, input_fps, variant),
+                  out.rstrip("/"))
+    ctx = Context(progress=progress, storage_options=storage_options, address=address)
+    return execute(stage, dict(inputs), input_fps, ctx)
+
+
+def ensure_ray(address: str | None) -> None:
+    import ray
+    if not ray.is_initialized():
+        ray.init(address=address, log_to_driver=False, configure_logging=False)
+

@@ -2,6 +2,7 @@
 official file names, resume after a kill, rejects, S3, and a two-node cluster."""
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -121,7 +122,7 @@ def test_model_registry_builds_files_and_factories_without_a_network(tmp_path, m
     weights = tmp_path / "weights.pt"
     torch.save(models.build(TINY_VIDEO).state_dict(), weights)
     (tmp_path / "my_encoders.py").write_text(
-        "from engine.features.models import _tiny\n\ndef video_encoder():\n    return _tiny('video')\n")
+        "from engine.features.tiny import tiny\n\ndef video_encoder():\n    return tiny('video')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
 
     for name, w in ((f"torchscript:{scripted}", None), (f"export:{exported}", None),
@@ -228,17 +229,63 @@ def test_s3_shards_in_s3_features_out(shards, features, s3_endpoint, local_ray):
     assert json.loads(fs.cat_file("feat/tiny_video/stage.json"))["result"]["take_views"] == 15
 
 
-def test_two_node_cluster(shards, features, tmp_path):
+def test_weights_by_url_are_read_on_the_model_actor_and_checked_by_sha256(shards, features, s3_endpoint, tmp_path):
+    """Weights on the S3 server, never on this machine's disk: the actor reads them by URL; a
+    wrong sha256 or a missing object stops the command before any work."""
+    import s3fs
+
+    model = models.build(TINY_VIDEO)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(2.0)                    # weights that give other features than the default
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    fs = s3fs.S3FileSystem(key="testing", secret="testing", endpoint_url=s3_endpoint)
+    fs.mkdir("models")
+    fs.pipe_file("models/tiny.pt", buf.getvalue())
+    sha = hashlib.sha256(buf.getvalue()).hexdigest()
+
+    def features_cli(out, *flags):
+        return subprocess.run([sys.executable, "-m", "engine", "features", str(shards), str(out), "--model",
+                               "tiny_video", *flags], capture_output=True, text=True, env=dict(os.environ))
+
+    wrong = features_cli(tmp_path / "wrong", "--weights", "s3://models/tiny.pt", "--weights-sha256", "0" * 64)
+    assert wrong.returncode == 2 and f"s3://models/tiny.pt: sha256 is {sha}, expected {'0' * 64}" in wrong.stderr
+    missing = features_cli(tmp_path / "missing", "--weights", "s3://models/absent.pt")
+    assert missing.returncode == 2 and "weights file not found: s3://models/absent.pt" in missing.stderr
+    assert not (tmp_path / "wrong").exists() and not (tmp_path / "missing").exists()
+
+    ok = features_cli(tmp_path / "s3", "--weights", "s3://models/tiny.pt", "--weights-sha256", sha)
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    got, default = _load_all(tmp_path / "s3"), _load_all(features)
+    assert sorted(got) == sorted(default)
+    expected_model = job.Embedder(models.ModelSpec("tiny_video", "video", 8, 64).to_json())
+    expected_model.model.load_state_dict(model.state_dict())
+    release = Release.open(json.loads((shards / "stage.json").read_text())["inputs"]["release"]["url"])
+    take = release.takes()[0]
+    view = take.views("448")[0]
+    expected = job.features_from_release(release, take, view, job.FeatureConfig(model="tiny_video"), expected_model)
+    np.testing.assert_allclose(got[feature_name(take.take_uid, view)].numpy(), expected, rtol=0, atol=1e-5)
+    assert not np.allclose(got[feature_name(take.take_uid, view)].numpy(), default[feature_name(take.take_uid, view)].numpy())
+    assert json.loads((tmp_path / "s3" / "stage.json").read_text())["result"]["weights_sha256"] == sha
+
+
+@pytest.mark.parametrize("gpu_node", [False, True], ids=["cpu-nodes", "gpu-node"])
+def test_two_node_cluster(shards, features, tmp_path, gpu_node):
+    """One CPU per node: the model actor holds one node's CPU, so decoding runs on the other.
+    With a node that declares a GPU (no real one is needed) and ``use_gpu``, the actors ask for
+    GPU shares: only that node can hold them, and the job finishes only if it placed them there."""
     from ray.cluster_utils import Cluster
 
     ray.shutdown()
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-    cluster.add_node(num_cpus=1)
+    cluster.add_node(num_cpus=1, num_gpus=1 if gpu_node else 0)
+    config = job.FeatureConfig(model="tiny_video", use_gpu=True, gpus_per_actor=0.5) if gpu_node else \
+        job.FeatureConfig(model="tiny_video")
     try:
         ray.init(address=cluster.address, log_to_driver=False)
         assert len([n for n in ray.nodes() if n["Alive"]]) == 2
-        # One CPU per node: the model actor holds one node's CPU, so decoding runs on the other.
-        job.run(str(shards), str(tmp_path / "out"), job.FeatureConfig(model="tiny_video"), progress=False)
+        job.run(str(shards), str(tmp_path / "out"), config, progress=False)
     finally:
         ray.shutdown()
         cluster.shutdown()

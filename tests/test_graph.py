@@ -7,10 +7,10 @@ import hashlib
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -147,33 +147,82 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _cluster_processes(port: str) -> set:
+    """The live processes of cluster/local.sh's cluster on ``port``: those whose command line
+    names its node folders or its head's address, and their descendants."""
+    import psutil
+
+    found = set()
+    for proc in psutil.process_iter(["cmdline"]):
+        if re.search(f"ray-ee4d-(head|worker)-{port}|--address=\\S*:{port} ", " ".join(proc.info["cmdline"] or [])):
+            found |= {proc, *proc.children(recursive=True)}
+    return {p for p in found if p.is_running() and p.status() != psutil.STATUS_ZOMBIE}
+
+
 @pytest.fixture
-def local_cluster():
-    """The two-node cluster of cluster/local.sh (head and worker, one CPU each, token auth)."""
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+def local_cluster(tmp_path):
+    """The two-node cluster of cluster/local.sh (head and worker, one CPU each, token auth),
+    started from an empty HOME, as on a machine that never ran Ray; an unrelated local Ray runs
+    beside it and must survive its stop."""
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {**os.environ, "HOME": str(home), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "EE4D_RAY_PORT": str(_free_port()), "EE4D_DASHBOARD_PORT": str(_free_port())}
-    subprocess.run(["cluster/local.sh", "start"], cwd=REPO, env=env, check=True, capture_output=True, timeout=180)
+    bystander = subprocess.Popen(
+        [sys.executable, "-c", "import ray, time; ray.init(num_cpus=1, include_dashboard=False); "
+                               "print('up', flush=True); time.sleep(3600)"],
+        env={**env, "RAY_AUTH_MODE": "disabled"}, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    assert bystander.stdout.readline().strip() == "up"
+    started = subprocess.run(["cluster/local.sh", "start"], cwd=REPO, env=env, capture_output=True, text=True,
+                             timeout=180)
+    assert started.returncode == 0, started.stdout + started.stderr
+    assert f"created the authentication token {home}/.ray/auth_token" in started.stdout
     try:
-        yield f"http://127.0.0.1:{env['EE4D_DASHBOARD_PORT']}"
+        yield f"http://127.0.0.1:{env['EE4D_DASHBOARD_PORT']}", {"RAY_AUTH_MODE": "token", "HOME": str(home)}
     finally:
-        subprocess.run(["cluster/local.sh", "stop"], cwd=REPO, env=env, capture_output=True, timeout=120)
+        before = _cluster_processes(env["EE4D_RAY_PORT"])
+        stopped = subprocess.run(["cluster/local.sh", "stop"], cwd=REPO, env=env, capture_output=True, text=True,
+                                 timeout=120)
+        ours = [p for p in before if p.is_running() and p.status() != "zombie"]
+        alive = bystander.poll() is None
+        os.killpg(bystander.pid, signal.SIGKILL)
+        bystander.wait()
+    assert stopped.returncode == 0 and "stopped the cluster" in stopped.stdout, stopped.stdout + stopped.stderr
+    assert len(before) >= 4 and not ours and alive, (before, ours, alive)
+
+
+def test_local_sh_prints_its_usage_and_refuses_unknown_commands():
+    shown = subprocess.run(["cluster/local.sh", "--help"], cwd=REPO, capture_output=True, text=True)
+    assert shown.returncode == 0 and shown.stdout.startswith("A two-node Ray cluster on this machine")
+    assert "set -euo" not in shown.stdout and "cluster/local.sh stop" in shown.stdout
+    wrong = subprocess.run(["cluster/local.sh", "launch"], cwd=REPO, capture_output=True, text=True)
+    assert wrong.returncode == 2 and "cluster/local.sh start" in wrong.stderr
 
 
 def test_submitted_to_a_two_node_cluster_killed_and_resubmitted_it_matches_the_local_run(
         demo_run, local_cluster, tmp_path):
+    local_cluster, auth = local_cluster
     out = tmp_path / "submitted"
     release = next(demo_run.glob("release/*/takes.json")).parent
     args = sets(SMALL + [f"release.url={release}", "release.synth=null"])
-    auth = {"RAY_AUTH_MODE": "token"}
+    # Stop the job once features are partly written: a process already connected to the Jobs
+    # API watches for the first feature file and stops the job at once (the stage takes seconds).
+    watcher = subprocess.Popen([sys.executable, "-c", f"""
+import glob, sys, time
+from ray.job_submission import JobSubmissionClient
+client = JobSubmissionClient({local_cluster!r})
+print("watching", flush=True)
+deadline = time.time() + 300
+while not glob.glob({str(out / "features" / "*" / "*.pt")!r}) and time.time() < deadline:
+    time.sleep(0.02)
+sys.exit(0 if client.stop_job("first") else 1)
+"""], env={**os.environ, **auth}, stdout=subprocess.PIPE, text=True)
+    assert watcher.stdout.readline().strip() == "watching"
     first = ee4d("submit", "jobs/demo.yaml", "--address", local_cluster, "--out", str(out), "--job-id", "first",
                  *args, env=auth)
     assert "submitted first" in first.stdout
-    # Kill the job's driver (and the Ray work it started) once features are partly written.
-    deadline = time.time() + 300
-    while not list(out.glob("features/*/*.pt")) and time.time() < deadline:
-        time.sleep(0.1)
-    assert list(out.glob("features/*/*.pt")), ee4d("logs", "first", "--address", local_cluster, env=auth).stdout
-    stopped = ee4d("stop", "first", "--address", local_cluster, env=auth)
+    assert watcher.wait(timeout=320) == 0, ee4d("logs", "first", "--address", local_cluster, env=auth).stdout
+    stopped = ee4d("stop", "first", "--address", local_cluster, env=auth)     # waits for the job to end
     assert "first: STOPPED" in stopped.stdout
     assert not (out / "run.json").exists()
     assert "first: STOPPED" in ee4d("status", "first", "--address", local_cluster, env=auth).stdout

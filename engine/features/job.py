@@ -49,7 +49,12 @@ class FeatureConfig(P.Params):
     model: str = P.setting("tiny_video", "tiny_video, tiny_image, torchscript:PATH, export:PATH, torchvision:NAME, "
                                          "timm:NAME or package.module:factory")
     # The weights' sha256, not their path, is what the fingerprint covers (``identity``).
-    weights: str | None = P.setting(None, "weights file (a state_dict); nothing is downloaded", fingerprint=False)
+    weights: str | None = P.setting(None, "weights (a state_dict): a path or an fsspec URL such as s3://..., read "
+                                          "by the node that runs the model; nothing is downloaded from a hub",
+                                    fingerprint=False)
+    weights_sha256: str | None = P.setting(None, "expected sha256 of the weights (or of the model file): every "
+                                                 "reader checks it; needed when the driver cannot read them",
+                                           fingerprint=False)
     input: str | None = P.setting(None, "model input kind (built-ins know theirs)", choices=("video", "image"))
     frames: int | None = P.setting(None, "video models: frames fed per window (default 32; tiny_video 8)")
     size: int | None = P.setting(None, "input side in pixels (default 224; built-ins 64)")
@@ -61,8 +66,11 @@ class FeatureConfig(P.Params):
                                                choices=SPLITS)
     batch_size: int = P.setting(16, "windows per model call", fingerprint=False)
     precision: str = P.setting("auto", "auto: bf16 autocast on GPU, fp32 on CPU", choices=PRECISIONS)
+    use_gpu: bool | None = P.setting(None, "run the model on GPUs (default: when the cluster has GPUs as the stage "
+                                           "starts; say true on a cluster whose GPU nodes scale up from zero)",
+                                     fingerprint=False)
     gpus_per_actor: float = P.setting(1.0, "fractions pack several actors per GPU", fingerprint=False)
-    actors: int | None = P.setting(None, "model actors (default: one per GPU share, or 1 without GPUs)",
+    actors: int | None = P.setting(None, "model actors, at most (default: one per GPU share, or 1 without GPUs)",
                                    fingerprint=False)
     cpus_per_actor: float = P.setting(1.0, "without GPUs: CPUs (torch threads) per actor", fingerprint=False)
 
@@ -76,16 +84,19 @@ class FeatureConfig(P.Params):
     @functools.cached_property
     def spec(self) -> ModelSpec:
         """The model, resolved once: an unknown name or a missing weights file fails here."""
-        return models.resolve(self.model, self.weights, kind=self.input, frames=self.frames, size=self.size)
+        return models.resolve(self.model, self.weights, kind=self.input, frames=self.frames, size=self.size,
+                              sha256=self.weights_sha256)
 
     @functools.cached_property
-    def weights_sha256(self) -> str:
+    def digest(self) -> str:
+        """sha256 of the weights (or model file) the run uses, checked where this machine can read them."""
         return models.weights_digest(self.spec)
 
     def identity(self) -> dict:
         """What fixes the numbers in the output: the resolved model and its weights' digest,
-        windows, precision, views, splits (not batch size or actor counts)."""
-        return {**super().identity(), "spec": self.spec.to_json(), "weights_sha256": self.weights_sha256}
+        windows, precision, views, splits (not where the weights are, batch size or actor counts)."""
+        spec = {k: v for k, v in self.spec.to_json().items() if k not in ("weights", "sha256")}
+        return {**super().identity(), "spec": spec, "weights_sha256": self.digest}
 
 
 # ----------------------------------------------------------------------------- CPU stage
@@ -281,7 +292,9 @@ def _run(config: FeatureConfig, inputs: dict, out_url: str, ctx: stages.Context)
         import ray.data
         ray.data.DataContext.get_current().enable_progress_bars = ctx.progress
         gpus = ray.cluster_resources().get("GPU", 0)
-        if gpus:
+        use_gpu = config.use_gpu if config.use_gpu is not None else gpus > 0
+        if use_gpu:
+            # An autoscaling cluster may have no GPU node yet: the actors' requests bring them up.
             actors = config.actors or max(1, int(gpus / config.gpus_per_actor))
             resources = {"num_gpus": config.gpus_per_actor, "num_cpus": 1}
             threads = None
@@ -289,13 +302,14 @@ def _run(config: FeatureConfig, inputs: dict, out_url: str, ctx: stages.Context)
             actors = config.actors or 1
             resources = {"num_cpus": config.cpus_per_actor}
             threads = max(1, int(config.cpus_per_actor))
-        log(f"  model stage: {actors} {'GPU' if gpus else 'CPU'} actor(s), {resources}")
+        log(f"  model stage: {actors} {'GPU' if use_gpu else 'CPU'} actor(s), {resources}")
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         ds = ds.flat_map(shard_windows, num_cpus=1, fn_kwargs={
             "model": config.spec.to_json(), "window": config.window, "stride": config.stride,
             "fps": config.fps, "views": config.views, "storage_options": storage_options})
         ds = ds.map_batches(Embedder, batch_size=config.batch_size, batch_format="numpy",
-                            compute=ray.data.ActorPoolStrategy(size=actors),
+                            # GPU pools grow from one actor as demand (and the cluster's GPU nodes) allow.
+                            compute=ray.data.ActorPoolStrategy(min_size=1 if use_gpu else actors, max_size=actors),
                             fn_constructor_kwargs={"model": config.spec.to_json(), "precision": config.precision,
                                                    "threads": threads}, **resources)
         pending: dict[str, list[dict]] = {}
@@ -326,7 +340,7 @@ def _run(config: FeatureConfig, inputs: dict, out_url: str, ctx: stages.Context)
     all_done = store.finished(out_fs, out)
     storage.write_json_atomic(out_fs, storage.join(out, "rejects.json"), rejects)
     return {
-        "model": config.spec.to_json(), "weights_sha256": config.weights_sha256, "window": config.window,
+        "model": config.spec.to_json(), "weights_sha256": config.digest, "window": config.window,
         "stride": config.stride, "fps": config.fps, "fps_source": 30.0, "views": config.views,
         "precision": config.precision,
         "dim": dim if dim is not None else store.dim_of(out_fs, out, all_done),
@@ -354,7 +368,7 @@ def _resources(config: FeatureConfig) -> str:
 
 KIND = stages.register(stages.StageKind(
     name="features", params=FeatureConfig, run=_run, inputs=("shard",), needs_ray=True, rejects=_rejects,
-    check=lambda config: config.spec, resources=_resources,
+    check=lambda config: config.digest, resources=_resources,
     help="one feature tensor per take and view, in the official layout (GPU actor pools when present)",
     command=stages.Command("features", "compute features from shards (Ray Data; GPU actors when present)",
                            summary=_summary)))

@@ -8,19 +8,21 @@ Names:
   torchvision:NAME, timm:NAME architectures from those libraries when installed; weights from --weights
   package.module:factory      a user factory returning an nn.Module; weights from --weights (a state_dict)
 
+PATH and the weights are local paths or fsspec URLs (``s3://bucket/models/encoder.pt``): the
+actor that runs the model reads them on its own node, so a cluster's driver needs no copy. With
+an expected sha256 (``--weights-sha256``) every reader checks the bytes it got against it; the
+driver checks what it can reach before any work.
+
 Contract of every model: video models take float [B, 3, T, H, W], image models [B, 3, H, W],
 normalized with the spec's mean and std; both return [B, D] (other shapes are flattened).
+Naming and checking a model needs no torch (the command line stays quick); ``build`` does.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import importlib
-import os
-
-import torch
-import torch.nn.functional as F
-from torch import nn
+import io
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -37,6 +39,7 @@ class ModelSpec:
     frames: int                    # video: frames fed per window (spread evenly over it); image: 1
     size: int                      # input is size x size: short side resized to it, then centre-cropped
     weights: str | None = None
+    sha256: str | None = None      # expected sha256 of the weights (or of the model file when no weights)
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
 
@@ -55,11 +58,12 @@ BUILTINS = {"tiny_video": ("video", 8, 64), "tiny_image": ("image", 1, 64)}
 
 
 def resolve(name: str, weights: str | None = None, kind: str | None = None, frames: int | None = None,
-            size: int | None = None) -> ModelSpec:
+            size: int | None = None, sha256: str | None = None) -> ModelSpec:
     """The spec of a model name, checked before any work starts: unknown names, missing weights
-    files, and libraries that are not installed are errors here, not on a worker an hour later."""
-    if weights is not None and not os.path.isfile(weights):
-        raise ModelError(f"weights file not found: {weights}")
+    files (where this machine can see them), and libraries that are not installed are errors
+    here, not on a worker an hour later."""
+    if weights is not None:
+        _check_exists(weights, "weights file")
     if name in BUILTINS:
         b_kind, b_frames, b_size = BUILTINS[name]
         kind, frames, size = kind or b_kind, frames or b_frames, size or b_size
@@ -69,8 +73,7 @@ def resolve(name: str, weights: str | None = None, kind: str | None = None, fram
             raise ModelError(f"unknown model {name!r}: use {', '.join(BUILTINS)}, torchscript:PATH, export:PATH, "
                              "torchvision:NAME, timm:NAME or package.module:factory")
         if scheme in ("torchscript", "export"):
-            if not os.path.isfile(rest):
-                raise ModelError(f"model file not found: {rest}")
+            _check_exists(rest, "model file")
         elif scheme in ("torchvision", "timm"):
             if importlib.util.find_spec(scheme) is None:
                 raise ModelError(f"{name}: {scheme} is not installed (pip install {scheme})")
@@ -86,30 +89,83 @@ def resolve(name: str, weights: str | None = None, kind: str | None = None, fram
         kind = kind or "video"
         frames = frames or (32 if kind == "video" else 1)
         size = size or 224
-    return ModelSpec(name, kind, frames if kind == "video" else 1, size, weights)
+    if sha256 is not None and not (len(sha256) == 64 and all(c in "0123456789abcdef" for c in sha256)):
+        raise ModelError(f"weights sha256 must be 64 lowercase hex digits, got {sha256!r}")
+    return ModelSpec(name, kind, frames if kind == "video" else 1, size, weights, sha256)
+
+
+def _is_url(path: str) -> bool:
+    return "://" in path
+
+
+def _check_exists(path: str, what: str) -> None:
+    """A local file must exist here; a URL must exist when this machine can reach its store
+    (otherwise the node that reads it checks)."""
+    from engine import storage
+    try:
+        fs, target = storage.filesystem(path)
+        found = fs.isfile(target)
+    except Exception:   # noqa: BLE001 - no credentials or no route from here: the reading node checks
+        if not _is_url(path):
+            raise
+        return
+    if not found:
+        raise ModelError(f"{what} not found: {path}")
+
+
+def _source(spec: ModelSpec) -> str | None:
+    """The file whose bytes fix the model's numbers: the weights, else a TorchScript or export file."""
+    if spec.weights:
+        return spec.weights
+    return spec.name.partition(":")[2] if spec.name.startswith(("torchscript:", "export:")) else None
+
+
+def _read(path: str) -> bytes:
+    from engine import storage
+    fs, target = storage.filesystem(path)
+    with fs.open(target, "rb") as f:
+        return f.read()
+
+
+def _checked(spec: ModelSpec, data: bytes, path: str) -> bytes:
+    """``data`` as read from ``path``, or ModelError when it is not the expected file."""
+    got = hashlib.sha256(data).hexdigest()
+    if spec.sha256 and got != spec.sha256:
+        raise ModelError(f"{path}: sha256 is {got}, expected {spec.sha256}")
+    return data
 
 
 def weights_digest(spec: ModelSpec) -> str:
-    """sha256 of what fixes the model's numbers: the weights file, the model file, or the seed."""
-    path = spec.weights or (spec.name.partition(":")[2] if spec.name.startswith(("torchscript:", "export:")) else None)
+    """sha256 of what fixes the model's numbers: the weights file, the model file, or the seed.
+
+    Read and checked when this machine can read it; otherwise the expected sha256 stands for it
+    (and each reading node checks it)."""
+    path = _source(spec)
     if path is None:
         return "random-init-seed-0"
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
+    try:
+        data = _read(path)
+    except Exception as e:   # noqa: BLE001 - a URL this machine cannot reach
+        if spec.sha256 and _is_url(path):
+            return spec.sha256
+        raise ModelError(f"cannot read {path} here ({type(e).__name__}: {e}); give its sha256 "
+                         "(weights_sha256) so the run can name it and every node can check it") from None
+    return hashlib.sha256(_checked(spec, data, path)).hexdigest()
 
 
 def build(spec: ModelSpec):
     """The model as an eval-mode nn.Module on CPU."""
+    import torch
+
+    from engine.features.tiny import tiny
+
     scheme, _, rest = spec.name.partition(":")
     if spec.name in BUILTINS:
-        model = _tiny(spec.kind)
+        model = tiny(spec.kind)
     elif scheme == "torchscript":
-        return torch.jit.load(rest, map_location="cpu").eval()
+        return torch.jit.load(io.BytesIO(_checked(spec, _read(rest), rest)), map_location="cpu").eval()
     elif scheme == "export":
-        return torch.export.load(rest).module()
+        return torch.export.load(io.BytesIO(_checked(spec, _read(rest), rest))).module()
     elif scheme == "torchvision":
         import torchvision
         model = torchvision.models.get_model(rest, weights=None)
@@ -119,60 +175,7 @@ def build(spec: ModelSpec):
     else:
         model = getattr(importlib.import_module(scheme), rest)()
     if spec.weights:
-        state = torch.load(spec.weights, map_location="cpu", weights_only=True)
+        data = _checked(spec, _read(spec.weights), spec.weights)
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
     return model.eval()
-
-
-def _tiny(kind: str):
-    """The built-in encoders: a 64-bin colour histogram, for video also motion energy (mean
-    absolute change of a 4x4 grid of mean colours between the frames it sees), and a small conv
-    net (128-d) initialized from seed 0 on its own generator, so every actor on every node builds
-    the same numbers without touching the global RNG. 240-d for video, 192-d for images.
-    Meant for tests and demos: cheap, deterministic, and they keep what the miniature's labels
-    show (a held object's colour, flashes, camera shake)."""
-    video = kind == "video"
-    conv, pool = (nn.Conv3d, nn.AdaptiveAvgPool3d) if video else (nn.Conv2d, nn.AdaptiveAvgPool2d)
-    net = nn.Sequential(
-        conv(3, 16, 5, stride=2, padding=2), nn.ReLU(),
-        conv(16, 32, 3, stride=2, padding=1), nn.ReLU(),
-        conv(32, 64, 3, stride=2, padding=1), nn.ReLU(),
-        pool(1), nn.Flatten(), nn.Linear(64, 128))
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in net.parameters():
-            bound = 1.0 / max(1, p[0].numel()) ** 0.5 if p.dim() > 1 else 0.05
-            p.copy_(torch.empty_like(p).uniform_(-bound, bound, generator=generator) * (3 ** 0.5))
-    return TinyVideo(net) if video else TinyImage(net)
-
-
-def colour_histogram(x: torch.Tensor) -> torch.Tensor:
-    """Share of pixels in each of 64 colour bins (4 levels per channel) of ImageNet-normalized
-    input [B, 3, ...]: the held object's colour shows as a bin, wherever it sits in the frame."""
-    mean = torch.tensor([0.485, 0.456, 0.406], device=x.device).view(1, 3, 1)   # IMAGENET_MEAN, spelled
-    std = torch.tensor([0.229, 0.224, 0.225], device=x.device).view(1, 3, 1)    # out for TorchScript
-    rgb = (x.flatten(2) * std + mean).clamp(0, 0.999)
-    level = (rgb * 4).floor().long()                             # [B, 3, N]
-    bins = level[:, 0] * 16 + level[:, 1] * 4 + level[:, 2]     # [B, N]
-    counts = torch.zeros(x.shape[0], 64, device=x.device).scatter_add_(1, bins, torch.ones_like(bins, dtype=torch.float32))
-    return counts / bins.shape[1]
-
-
-class TinyVideo(nn.Module):
-    def __init__(self, net: nn.Module):
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:          # [B, 3, T, H, W]
-        grid = F.adaptive_avg_pool3d(x, (x.shape[2], 4, 4))       # [B, 3, T, 4, 4]
-        motion = (grid[:, :, 1:] - grid[:, :, :-1]).abs().mean(2).flatten(1)
-        return torch.cat([colour_histogram(x), motion, self.net(x)], dim=1)
-
-
-class TinyImage(nn.Module):
-    def __init__(self, net: nn.Module):
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:          # [B, 3, H, W]
-        return torch.cat([colour_histogram(x), self.net(x)], dim=1)

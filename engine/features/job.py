@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import tarfile
 import time
 from collections.abc import Iterator
 
@@ -28,6 +29,7 @@ import numpy as np
 from engine import params as P
 from engine import stage as stages
 from engine import storage, video
+from engine.errors import ContentError
 from engine.features import models, store
 from engine.features.models import ModelSpec
 from engine.features.windows import (
@@ -104,7 +106,9 @@ class FeatureConfig(P.Params):
 def shard_windows(item: dict, model: dict, window: int, stride: int, fps: float | None, views: str,
                   storage_options: dict | None = None) -> Iterator[dict]:
     """Rows of one shard: one per feature window (frames and where it sits), plus one row with
-    ``error`` set for each take view (or the whole shard) that fails. Plain Python."""
+    ``error`` set for each take view (or the whole shard) whose data is bad. Any other error
+    (the shard unreachable, a broken worker) propagates: Ray retries the task, and if it keeps
+    failing the stage fails without committing. Plain Python."""
     spec = ModelSpec(**model)
     skip = set(item["skip"])
     blank = np.zeros((spec.frames, spec.size, spec.size, 3), np.uint8)
@@ -143,7 +147,7 @@ def shard_windows(item: dict, model: dict, window: int, stride: int, fps: float 
                                 yield dict(base, name=state.name, take_uid=take_uid, cam_id=state.cam_id,
                                            stream_id=state.stream_id, window=win.index, num_windows=len(wins),
                                            t0=win.t0, t1=win.t1, frames=clip, error="")
-                    except Exception as e:   # noqa: BLE001 - one bad take view must not cost the others
+                    except ContentError as e:   # one bad take view must not cost the others
                         state.failed = True
                         yield error_row(state, take_uid, member, e)
             for member, state in (views_of_take or {}).items():
@@ -152,7 +156,7 @@ def shard_windows(item: dict, model: dict, window: int, stride: int, fps: float 
                         state.assembler.finish()
                     except FeatureInputError as e:
                         yield error_row(state, take_uid, member, e)
-    except Exception as e:   # noqa: BLE001 - an unreadable shard: name it, keep going
+    except (ContentError, tarfile.TarError) as e:   # a shard that is not a readable tar: name it, keep going
         yield dict(base, name=f"shard:{item['shard']}", take_uid="", cam_id="", stream_id="", window=-1,
                    num_windows=0, t0=0.0, t1=0.0, frames=blank,
                    error=f"shard {item['url']}: {type(e).__name__}: {e}")

@@ -142,7 +142,7 @@ def sample_frames(sample: dict, name: str, needed: list[int], after: int, size: 
         return []
     try:
         images, _ = view_frames(sample, name, wanted, input_size(info.width, info.height, size))
-    except Exception as e:   # noqa: BLE001 - say which sample, whatever the decoder raised
+    except (ContentError, KeyError, ValueError) as e:   # a member missing, undecodable or short
         raise FeatureInputError(f"sample {meta.key}: {type(e).__name__}: {e}") from None
     return list(zip(wanted, images))
 

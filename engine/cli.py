@@ -58,6 +58,7 @@ def _print_plan(rows: list[dict]) -> None:
     """The plan of ``ee4d run --dry-run``: one block per stage."""
     for row in rows:
         print(f"{row['stage']}: {row['status']} ({row['fingerprint']})")
+        print(f"  what       {row['about']}")
         print(f"  output     {row['output']}")
         if row["inputs"]:
             print(f"  inputs     {', '.join(sorted(set(row['inputs'].values())))}")

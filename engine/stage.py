@@ -77,7 +77,7 @@ class StageKind:
     section: str = ""                     # its key in a job spec (default: the name)
     folder: str = ""                      # under the run's output (default: the name)
     needs_ray: bool = False
-    help: str = ""
+    help: str = ""                        # one line on what it makes (``ee4d run --dry-run`` shows it)
     # A kind with variants is a family (the benchmarks): its spec section maps each variant's
     # name to its settings (the variant's own Params class), each runs as ``<name>/<variant>``.
     variants: Callable[[], dict[str, type]] | None = None

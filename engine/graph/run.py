@@ -65,7 +65,7 @@ def dry_run(spec: Spec, out: str | None = None) -> list[dict]:
             record = stages.read_record(stage.url)
             status = "reuse" if record and record.get("status") == "done" else (
                 "resume" if record else "run")
-        rows.append({"stage": stage.name, "status": status, "fingerprint": stage.fingerprint,
+        rows.append({"stage": stage.name, "about": stage.kind.help, "status": status, "fingerprint": stage.fingerprint,
                      "inputs": dict(stage.inputs), "output": stage.url,
                      "resources": stage.kind.resources(stage.params)})
     return rows

@@ -2,8 +2,9 @@
 
 Unit of work: one shard (a fixed, planned list of takes). Each unit writes its tar under a
 temporary name and publishes it whole (a rename on local disk, one object PUT on S3), then
-its stats JSON. A rerun skips shards whose stats exist and redoes the rest, byte for byte:
-the plan, the keys, the tar headers and the encoders are all deterministic.
+its stats JSON. A rerun skips shards whose stats exist and redoes the rest with the same
+plan, keys and tar headers; remuxed clips come out byte for byte the same (libx264's
+transcoded bytes were seen to vary between runs).
 
 Outputs under OUT:
   <split>/<split>-NNNNNN.tar          samples, a sample's members adjacent

@@ -75,9 +75,22 @@ def _fields(cls, data: Any, where: str, key: str) -> dict:
     return {name: data[name] for name in names if name in data}
 
 
+class _Part:
+    """A part of the meta: its JSON is its fields; read back with every field checked."""
+    where = ""                     # its place in the meta, for error messages
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Any, key: str = "?", where: str = ""):
+        return cls(**_fields(cls, data, where or cls.where, key))
+
+
 @dataclasses.dataclass(frozen=True)
-class TakeInfo:
+class TakeInfo(_Part):
     """The take a sample comes from, as takes.json and the splits describe it."""
+    where = "take"
     take_uid: str
     take_name: str
     scenario: str | None
@@ -88,32 +101,19 @@ class TakeInfo:
     num_frames: int              # of the whole take, every view
     fps: float                   # of the take's timeline (source frame i covers [i/fps, (i+1)/fps))
 
-    def to_json(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_json(cls, data: Any, key: str = "?") -> TakeInfo:
-        return cls(**_fields(cls, data, "take", key))
-
 
 @dataclasses.dataclass(frozen=True)
-class Window:
+class Window(_Part):
     """The sample's time window on the take's timeline: [t0, t1) s, source frames [start_frame, end_frame)."""
+    where = "window"
     t0: float
     t1: float
     start_frame: int
     end_frame: int
 
-    def to_json(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_json(cls, data: Any, key: str = "?") -> Window:
-        return cls(**_fields(cls, data, "window", key))
-
 
 @dataclasses.dataclass(frozen=True)
-class ViewMeta:
+class ViewMeta(_Part):
     """One view's media in a sample: a clip (``member``) or one JPEG per kept frame (``members``)."""
     cam_id: str
     stream_id: str
@@ -136,36 +136,30 @@ class ViewMeta:
         return out
 
     @classmethod
-    def from_json(cls, data: Any, name: str = "?", key: str = "?") -> ViewMeta:
-        view = cls(**_fields(cls, data, f"views.{name}", key))
+    def from_json(cls, data: Any, key: str = "?", where: str = "views") -> ViewMeta:
+        view = super().from_json(data, key, where)
         if (view.member is None) == (view.members is None):
-            raise SchemaError(f"sample {key}: views.{name} needs exactly one of member (a clip) "
+            raise SchemaError(f"sample {key}: {where} needs exactly one of member (a clip) "
                               f"and members (frames)")
         return view
 
 
 @dataclasses.dataclass(frozen=True)
-class ArraySensor:
+class ArraySensor(_Part):
     """A sensor table's slice (trajectory, gaze): ``member`` holds float64 [rows, len(columns)]."""
     member: str
     columns: list[str]
     rows: int
 
-    def to_json(self) -> dict:
-        return dataclasses.asdict(self)
-
 
 @dataclasses.dataclass(frozen=True)
-class AudioSensor:
+class AudioSensor(_Part):
     """The ego audio's slice: ``member`` holds [channels, samples] of ``dtype`` from time ``start``."""
     member: str
     rate: int
     channels: int
     start: float
     dtype: str
-
-    def to_json(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 Sensor = ArraySensor | AudioSensor
@@ -220,9 +214,8 @@ class SampleMeta:
         return cls(
             key=fields["key"], take=TakeInfo.from_json(fields["take"], key),
             window=Window.from_json(fields["window"], key), mode=fields["mode"],
-            views={name: ViewMeta.from_json(v, name, key) for name, v in views.items()},
-            sensors={name: SENSORS[name](**_fields(SENSORS[name], s, f"sensors.{name}", key))
-                     for name, s in sensors.items()},
+            views={name: ViewMeta.from_json(v, key, f"views.{name}") for name, v in views.items()},
+            sensors={name: SENSORS[name].from_json(s, key, f"sensors.{name}") for name, s in sensors.items()},
             annotations=fields["annotations"], version=version)
 
 

@@ -182,8 +182,10 @@ def _add_stage_command(sub, kind: stages.StageKind) -> None:
 
 def _add_stage_args(p: argparse.ArgumentParser, kind: stages.StageKind, cls: type) -> None:
     for name in kind.inputs:
-        p.add_argument(name, help=f"the {name} to read: a path or an fsspec URL such as s3://bucket/prefix")
-    p.add_argument("out", help="output location, a path or an fsspec URL; rerunning with the same one resumes")
+        p.add_argument(name, metavar=name.upper(), help=f"the {name} stage's output (a release: its root), a path "
+                                                        "or an fsspec URL such as s3://bucket/prefix")
+    p.add_argument("out", metavar="OUT", help="output location, a path or an fsspec URL; rerunning with the same one "
+                                              "resumes")
     for name in kind.optional_inputs:
         p.add_argument(f"--{name}", help=f"the {name} to read (default: the one its inputs were made from)")
     P.add_flags(p, cls)

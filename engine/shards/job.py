@@ -194,10 +194,11 @@ def _run(config: ShardConfig, inputs: dict, out_url: str, ctx: stages.Context) -
         ray.data.DataContext.get_current().enable_progress_bars = ctx.progress
         items = [{"spec": json.dumps(dataclasses.asdict(s))} for s in todo]
         ds = ray.data.from_items(items, override_num_blocks=len(items))
-        # One CPU per shard (decode and mux are single-threaded per stream), spread across
-        # nodes; a worker killed mid-shard is retried and rewrites the shard from scratch.
-        ds = ds.map(_RayShardWriter(release_url, out_url, config, ctx.storage_options), num_cpus=1,
-                    ray_remote_args_fn=lambda: {"max_retries": 3, "scheduling_strategy": "SPREAD"})
+        # One CPU per shard (decode and mux are single-threaded per stream); Ray Data spreads
+        # tasks across nodes. A worker killed mid-shard is retried and rewrites the shard from
+        # scratch, at most 3 times (Ray Data's default retries forever). max_retries is a plain
+        # remote arg, which Ray deprecates from 2.64 on (constraints.txt pins 2.60).
+        ds = ds.map(_RayShardWriter(release_url, out_url, config, ctx.storage_options), num_cpus=1, max_retries=3)
         for row in ds.iter_rows():
             ctx.log(f"  {row['shard']}: {row['samples']} samples, {row['failures']} rejected takes")
     return finalize(fs, out, shard_plan)

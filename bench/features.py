@@ -9,9 +9,11 @@
 
 Each is run --repeats times; medians are printed with the pipeline/naive ratio.
 
-    python bench/features.py [--release PATH] [--model tiny_video] [--repeats 3]
+    python bench/features.py [--release PATH] [--model tiny_video] [--repeats 3] [--out URL]
 
-Without --release it generates the default preset (10 takes x 4 s, 5 views) in a temp dir.
+Without --release it generates the default preset (10 takes x 4 s, 5 views) in a temp dir. The
+pipeline writes under --out (default: the temp dir); an s3:// URL (AWS_* settings from the
+environment) puts object-store PUTs into its time, as on a real cluster.
 """
 from __future__ import annotations
 
@@ -25,7 +27,8 @@ from pathlib import Path
 import numpy as np
 import ray
 
-from engine.features import job, models
+from engine import storage
+from engine.features import job
 from engine.miniature import synth
 from engine.release import Release
 from engine.shards import job as shard_job
@@ -44,6 +47,7 @@ def main() -> None:
     parser.add_argument("--model", default="tiny_video")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", help="where the pipeline writes its features (a folder or s3://bucket/prefix)")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench-features-"))
@@ -55,15 +59,16 @@ def main() -> None:
     shards = work / "shards"
     # 2 MB shards: several decode tasks, as a real release's hundreds of shards give.
     shard_job.run(str(release_root), str(shards), ShardConfig(shard_mb=2), progress=False)
-    spec = models.resolve(args.model)
-    config = job.FeatureConfig(model=spec, batch_size=args.batch_size)
+    config = job.FeatureConfig(model=args.model, batch_size=args.batch_size)
+    spec = config.spec
     release = Release.open(str(release_root))
     views = [(take, view) for take in release.takes() for view in take.views("448")]
 
     def pipeline() -> int:
-        out = work / f"out-{time.monotonic_ns()}"
-        stage = job.run(str(shards), str(out), config, progress=False)
-        shutil.rmtree(out)
+        out = storage.join(args.out or str(work), f"out-{time.monotonic_ns()}")
+        stage = job.run(str(shards), out, config, progress=False)
+        fs, path = storage.filesystem(out)
+        fs.rm(path, recursive=True)
         return stage["windows_this_run"]
 
     def naive() -> int:

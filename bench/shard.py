@@ -1,13 +1,17 @@
-"""Shard job throughput and memory, each against a reference run in the same command.
+"""Shard job throughput, bytes and memory, each against a reference in the same command.
 
-- remux: view-hours per wall-hour and MB/s, against ``tar -cf`` of the same source mp4
-  bytes (the I/O limit);
-- transcode: the same, against PyAV transcoding the same whole files with the same settings
-  (libx264 veryfast, CRF 23, GOP 30), two processes like the job's two workers;
+- remux throughput, view-hours per wall-hour: steady state (Ray already up, as on a cluster;
+  median of --repeats runs) and end to end (``ee4d shard`` in a fresh process, Ray start-up
+  included), against ``tar -cf`` of the same source bytes (the I/O limit);
+- bytes of the output by kind against what they come from: clips against the sources' video
+  packets (the remux pre-roll), audio against the ego sources' AAC packets, everything else
+  (JSON, sensor and annotation arrays) against the release's annotation and sensor files;
+- clip bytes against source video bytes for several window lengths (the pre-roll trade-off);
 - peak RSS of the whole job (driver, Ray and its workers) with 1x and 4x the takes;
-- from these, the projected time to shard the real release.
+- with --transcode, transcode mode against PyAV transcoding the same whole files;
+- from these, a projection for the real release (time and shard size).
 
-    python bench/shard.py [--release PATH] [--takes 8] [--seconds 60]
+    python bench/shard.py [--release PATH] [--takes 12] [--seconds 40] [--repeats 3] [--transcode]
 
 Without --release it generates a release from the large preset (--takes of --seconds each).
 """
@@ -18,6 +22,7 @@ import concurrent.futures
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -30,6 +35,7 @@ from engine.release import Release
 
 REAL_VIEW_HOURS = 1286.0     # frame-aligned video in the real release
 REAL_448_GB = 438.6          # its downscaled/448 part
+REAL_ANNOTATIONS_GB = 10.5   # its annotations
 
 
 def tree_rss(pid: int) -> int:
@@ -103,11 +109,37 @@ def pyav_transcode(path: str, out: str) -> None:
     writer.close()
 
 
+def packet_bytes(path: str, kind: str) -> int:
+    """Bytes of a file's video or audio packets (0 when it has no such stream)."""
+    import av
+    with av.open(path) as container:
+        streams = container.streams.video if kind == "video" else container.streams.audio
+        return sum(p.size for p in container.demux(streams[0]) if p.size) if streams else 0
+
+
+def output_bytes(out: Path) -> dict[str, int]:
+    """Bytes of the shards' members by kind: video clips, audio, and the rest (JSON, arrays)."""
+    import tarfile
+    sizes = {"video": 0, "audio": 0, "other": 0}
+    for tar in out.rglob("*.tar"):
+        with tarfile.open(tar) as archive:
+            for member in archive:
+                kind = "video" if member.name.endswith(".mp4") else "audio" if member.name.endswith(".m4a") else "other"
+                sizes[kind] += member.size
+    return sizes
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--release", help="an existing release to shard")
-    ap.add_argument("--takes", type=int, default=8)
-    ap.add_argument("--seconds", type=float, default=60.0)
+    ap.add_argument("--takes", type=int, default=12)
+    ap.add_argument("--seconds", type=float, default=40.0)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--transcode", action="store_true", help="also measure transcode mode")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="ee4d-bench-"))
     try:
@@ -119,46 +151,120 @@ def main() -> None:
             synth.generate(release, preset="large", takes=args.takes, seconds=args.seconds)
             print(f"generated {args.takes} x {args.seconds:.0f} s takes in {time.perf_counter() - start:.0f} s")
         rel = Release.open(str(release))
-        sources = [str(release / v.path) for t in rel.takes() for v in t.views("448")]
+        takes = rel.takes()
+        sources = [str(release / v.path) for t in takes for v in t.views("448")]
+        egos = [str(release / v.path) for t in takes for v in t.views("448") if v.is_ego]
         src_bytes = sum(os.path.getsize(p) for p in sources)
-        view_seconds = sum(video.probe(p, check_tail=False).duration for p in sources)
-        print(f"input: {len(rel.takes())} takes, {len(sources)} views at 448, "
-              f"{view_seconds / 3600:.2f} view-hours, {src_bytes / 1e6:.0f} MB")
+        view_hours = sum(video.probe(p, check_tail=False).duration for p in sources) / 3600
+        print(f"input: {len(takes)} takes, {len(sources)} views at 448, {view_hours:.2f} view-hours, {src_bytes / 1e6:.0f} MB")
 
-        start = time.perf_counter()
-        subprocess.run(["tar", "-cf", str(work / "ref.tar"), "-C", str(release),
-                        *(os.path.relpath(p, release) for p in sources)], check=True)
-        tar_s = time.perf_counter() - start
-        start = time.perf_counter()
-        with concurrent.futures.ProcessPoolExecutor(2) as pool:
-            list(pool.map(pyav_transcode, sources, [str(work / f"ref{k}.mp4") for k in range(len(sources))]))
-        pyav_s = time.perf_counter() - start
+        tar_runs = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            subprocess.run(["tar", "-cf", str(work / "ref.tar"), "-C", str(release),
+                            *(os.path.relpath(p, release) for p in sources)], check=True)
+            tar_runs.append(time.perf_counter() - start)
+        tar_s = median(tar_runs)
 
-        results = {}
-        for mode in ("remux", "transcode"):
-            wall, rss = run_job(release, work / f"shards-{mode}", mode)
-            out_bytes = sum(p.stat().st_size for p in (work / f"shards-{mode}").rglob("*.tar"))
-            results[mode] = (wall, rss)
-            rate = view_seconds / wall
-            print(f"{mode:9s}: {wall:6.1f} s, {rate:7.1f} view-hours per wall-hour, "
-                  f"{src_bytes / wall / 1e6:6.1f} MB/s in, {out_bytes / 1e6:.0f} MB out, peak RSS {rss / 1e9:.2f} GB")
-        print(f"remux vs tar -cf of the same bytes ({tar_s:.2f} s): {tar_s / results['remux'][0]:.4f}x tar's speed "
-              f"(the job is bound by per-sample work and Ray start-up, not by I/O)")
-        print(f"transcode vs PyAV transcode of the same files, same settings ({pyav_s:.1f} s): "
-              f"{pyav_s / results['transcode'][0]:.2f}x its speed")
+        # Steady state: Ray up once, the stage run again and again into fresh folders.
+        import ray
+
+        from engine.shards import job
+        from engine.shards.plan import ShardConfig
+        ray.init(num_cpus=os.cpu_count(), log_to_driver=False, configure_logging=False)
+        steady = []
+        for k in range(args.repeats):
+            start = time.perf_counter()
+            job.run(str(release), str(work / f"steady{k}"), ShardConfig(shard_mb=10), progress=False)
+            steady.append(time.perf_counter() - start)
+        ray.shutdown()
+        steady_s = median(steady)
+        print(f"remux, Ray up:  {steady_s:6.1f} s (median of {args.repeats}), {view_hours / (steady_s / 3600):7.0f} "
+              f"view-hours per wall-hour; {tar_s / steady_s:.3f}x the speed of tar -cf of the same bytes ({tar_s:.2f} s)")
+
+        ends, rss_4x = [], 0
+        for k in range(args.repeats):
+            wall, rss = run_job(release, work / f"e2e{k}", "remux")
+            ends.append(wall)
+            rss_4x = max(rss_4x, rss)
+        end_s = median(ends)
+        print(f"remux, ee4d shard end to end: {end_s:6.1f} s (median), {view_hours / (end_s / 3600):7.0f} view-hours per "
+              f"wall-hour, Ray start-up included")
+
+        sizes = output_bytes(work / "steady0")
+        video_src = sum(packet_bytes(p, "video") for p in sources)
+        audio_src = sum(packet_bytes(p, "audio") for p in egos)
+        ann_src = sum(f.stat().st_size for f in (release / "annotations").rglob("*") if f.is_file())
+        sensor_src = sum(f.stat().st_size for t in takes for folder in ("trajectory", "eye_gaze")
+                         for f in (release / t.root_dir / folder).glob("*.csv"))
+        print(f"bytes: clips {sizes['video'] / 1e6:.1f} MB = {sizes['video'] / video_src:.2f}x the sources' video packets; "
+              f"audio {sizes['audio'] / 1e6:.2f} MB = {sizes['audio'] / max(1, audio_src):.2f}x the ego AAC packets; "
+              f"JSON and arrays {sizes['other'] / 1e6:.2f} MB = {sizes['other'] / (ann_src + sensor_src):.2f}x the "
+              f"release's annotation and sensor files ({(ann_src + sensor_src) / 1e6:.1f} MB); "
+              f"all {sum(sizes.values()) / src_bytes:.2f}x the 448 sources")
+
+        # Pre-roll by window length. A short take's windows start at few points of the GOP (8 s
+        # windows and 250-frame GOPs: 10 frames before the next keyframe, then 20, ...), so windows
+        # start at every second here, full ones only: their starts fall evenly over the GOP, as the
+        # windows of long takes do. Clip bytes against the same frames' share of the source's bytes.
+        print("pre-roll: clip bytes / the window's share of the source video bytes (remux, windows at every phase):")
+        preroll = {}
+        for seconds in (4, 8, 16, 32):
+            clip_bytes, window_bytes = 0, 0.0
+            for path in sources:
+                n = video.probe(path, check_tail=False).frames
+                length = seconds * 30
+                windows = [(s, s + length) for s in range(0, n - length + 1, 30)]
+                clip_bytes += sum(len(clip.data) for clip, _ in video.cut_windows(path, windows))
+                window_bytes += packet_bytes(path, "video") * length / n * len(windows)
+            preroll[seconds] = clip_bytes / window_bytes
+            print(f"  {seconds:2d} s windows: {preroll[seconds]:.2f}x")
+        # Throughput of cutting alone: back-to-back 8 s windows, one forward pass per view.
+        start = time.perf_counter()
+        for path in sources:
+            n = video.probe(path, check_tail=False).frames
+            for _ in video.cut_windows(path, [(s, min(s + 240, n)) for s in range(0, n, 240)]):
+                pass
+        cut_s = time.perf_counter() - start
+
+        # The job's two parts on one core: cutting clips, and reading a take's annotations (JSON
+        # parsed, dense ones turned into arrays). The miniature's annotations are 2.3x its 448
+        # video; the real release's 2.4% (10.5 of 438.6 GB): the projection weighs each by its bytes.
+        from engine.shards.sample import TakeSource
+        splits = rel.splits().take_uid_to_split
+        start = time.perf_counter()
+        for take in takes:
+            TakeSource.load(rel, take, splits[take.take_uid], ShardConfig())
+        annotation_s = time.perf_counter() - start
+        remux_rate = view_hours / (cut_s / 3600)
+        annotation_rate = ann_src / 1e9 / (annotation_s / 3600)
+        print(f"one core: cutting 8 s clips {remux_rate:.0f} view-hours per hour; reading annotations "
+              f"{annotation_rate:.1f} GB of annotation files per hour ({annotation_s:.1f} s for {ann_src / 1e6:.0f} MB)")
+
+        if args.transcode:
+            start = time.perf_counter()
+            with concurrent.futures.ProcessPoolExecutor(2) as pool:
+                list(pool.map(pyav_transcode, sources, [str(work / f"ref{k}.mp4") for k in range(len(sources))]))
+            pyav_s = time.perf_counter() - start
+            wall, _ = run_job(release, work / "shards-transcode", "transcode")
+            print(f"transcode: {wall:.1f} s, {pyav_s / wall:.2f}x the speed of PyAV transcoding the same files "
+                  f"({pyav_s:.1f} s)")
 
         quarter = subset(release, work / "quarter", 0.25)
-        wall_1x, rss_1x = run_job(quarter, work / "shards-1x", "remux")
-        print(f"peak RSS, remux: 1x takes {rss_1x / 1e9:.2f} GB, 4x takes {results['remux'][1] / 1e9:.2f} GB "
-              f"(ratio {results['remux'][1] / rss_1x:.2f})")
+        _, rss_1x = run_job(quarter, work / "shards-1x", "remux")
+        print(f"peak RSS, remux: 1x takes {rss_1x / 1e9:.2f} GB, 4x takes {rss_4x / 1e9:.2f} GB (ratio {rss_4x / rss_1x:.2f})")
 
-        by_bytes = REAL_448_GB * 1e9 / (src_bytes / results["remux"][0]) / 3600
-        by_hours = REAL_VIEW_HOURS / (view_seconds / 3600 / results["remux"][0] * 3600)
-        worst = max(by_bytes, by_hours)
-        print(f"projection, remux of the real release's 448 copies ({REAL_448_GB} GB, {REAL_VIEW_HOURS:.0f} "
-              f"view-hours): {by_hours:.1f} h by view-hours, {by_bytes:.1f} h by bytes on this 2-core machine; "
-              f"with throughput linear in cores, {max(1, round(worst * 2 / 16))} nodes of 16 cores "
-              f"finish in about an hour")
+        core_hours = REAL_VIEW_HOURS / remux_rate + REAL_ANNOTATIONS_GB / annotation_rate
+        other = sizes["other"] / (ann_src + sensor_src)
+        size = REAL_448_GB * preroll[8] + REAL_ANNOTATIONS_GB * other
+        print(f"projection, real release at 448 ({REAL_448_GB} GB, {REAL_VIEW_HOURS:.0f} view-hours, "
+              f"{REAL_ANNOTATIONS_GB} GB of annotations): {core_hours:.1f} core-hours of remux and annotation work "
+              f"({REAL_VIEW_HOURS / core_hours:.0f} view-hours per core-hour), about {max(1, round(core_hours / 16))} "
+              f"nodes of 16 cores for an hour; shards {size:.0f} GB with 8 s windows "
+              f"({size / (REAL_448_GB + REAL_ANNOTATIONS_GB):.2f}x the source), "
+              f"{REAL_448_GB * preroll[16] + REAL_ANNOTATIONS_GB * other:.0f} GB with 16 s windows "
+              f"({(REAL_448_GB * preroll[16] + REAL_ANNOTATIONS_GB * other) / (REAL_448_GB + REAL_ANNOTATIONS_GB):.2f}x), "
+              f"if its GOP is like these sources' (250 frames)")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import inspect
 import io
+import struct
 from collections.abc import Iterator
 from fractions import Fraction
 from typing import IO
@@ -258,58 +259,178 @@ class Clip:
     height: int
 
 
-def _copy_packets(source, start_frame: int, end_frame: int):
-    """Packets of the source's video stream from the keyframe at or before ``start_frame`` through
-    every packet that frames before ``end_frame`` need (they precede, in decode order, the
-    first packet whose dts reaches ``end_frame``)."""
-    container = _open(source)
-    try:
-        stream = container.streams.video[0]
-        _seek_frame(container, stream, start_frame)
-        packets = []
-        for packet in container.demux(stream):
-            if packet.dts is None:
-                continue
-            if not packets and not packet.is_keyframe:
-                continue
-            if frame_index_of_pts(packet.dts, stream) >= end_frame:
-                break
-            packets.append(packet)
-        if not packets or frame_index_of_pts(packets[0].pts, stream) > start_frame:
-            raise VideoError(f"no keyframe at or before frame {start_frame}")
-    except BaseException:
-        container.close()
-        raise
-    # Frames past the window that no kept frame follows (so none references them) are dropped.
-    while frame_index_of_pts(packets[-1].pts, stream) >= end_frame:
-        packets.pop()
-    return container, stream, packets
+@dataclasses.dataclass
+class _Packet:
+    """A demuxed packet's bytes and timing, kept apart from PyAV's packet so that one packet can
+    go into several clips (the GOP before a window is also the tail of the previous one)."""
+    data: bytes
+    pts: int
+    dts: int
+    duration: int
+    keyframe: bool
+
+    def to_av(self, shift: int, time_base: Fraction, stream) -> av.Packet:
+        packet = av.Packet(self.data)
+        packet.pts, packet.dts, packet.duration = self.pts - shift, self.dts - shift, self.duration
+        packet.time_base, packet.is_keyframe, packet.stream = time_base, self.keyframe, stream
+        return packet
+
+
+@dataclasses.dataclass(frozen=True)
+class AudioClip:
+    """A window of a view's audio track, its compressed packets copied into an mp4 of its own.
+    It decodes (``decode_audio``) to the window's samples from time 0."""
+    data: bytes
+    codec: str
+    rate: int
+    channels: int
+
+
+# MP4 boxes that hold other boxes, on the way from the file to a track's edit list.
+_CONTAINER_BOXES = {b"moov", b"trak", b"edts"}
+
+
+def _boxes(data: bytearray, start: int, end: int):
+    """(type, offset, size) of the boxes in data[start:end], and of those inside moov/trak/edts."""
+    while start + 8 <= end:
+        size, kind = struct.unpack(">I4s", data[start:start + 8])
+        if size == 1:
+            size = struct.unpack(">Q", data[start + 8:start + 16])[0]
+        elif size == 0:
+            size = end - start
+        yield kind, start, size
+        if kind in _CONTAINER_BOXES:
+            yield from _boxes(data, start + 8, start + size)
+        start += size
+
+
+def _set_duration(data: bytearray, duration: Fraction) -> None:
+    """Make every track of an mp4 end at ``duration`` seconds: the one edit of each track's edit
+    list, its tkhd and the mvhd say so. FFmpeg's mp4 demuxer then marks the packets shown
+    before the edit's start or from its end on as discarded; the decoder still decodes them (the
+    kept frames reference them) but returns only the frames of the edit."""
+    boxes = list(_boxes(data, 0, len(data)))
+    movie = [at for kind, at, _ in boxes if kind == b"mvhd"]
+    if not movie or sum(kind == b"trak" for kind, *_ in boxes) != sum(kind == b"elst" for kind, *_ in boxes):
+        raise VideoError("clip lacks a movie header or a track's edit list")
+    version = data[movie[0] + 8]
+    timescale = struct.unpack_from(">I", data, movie[0] + (20 if version == 0 else 28))[0]
+    # Floor: the edit ends at or before the window's end, and after its last frame's start.
+    ticks = int(duration * timescale)
+    for kind, at, _ in boxes:
+        version = data[at + 8]
+        size = ">I" if version == 0 else ">Q"
+        if kind == b"mvhd":
+            struct.pack_into(size, data, at + (24 if version == 0 else 32), ticks)
+        elif kind == b"tkhd":
+            struct.pack_into(size, data, at + (28 if version == 0 else 36), ticks)
+        elif kind == b"elst":
+            # Entries: duration, media time (-1 for an empty edit, i.e. a delay), rate.
+            entry, media_time = (12, ">i") if version == 0 else (20, ">q")
+            entries = [at + 16 + i * entry for i in range(struct.unpack_from(">I", data, at + 12)[0])]
+            edits = [e for e in entries if struct.unpack_from(media_time, data, e + struct.calcsize(size))[0] != -1]
+            if len(edits) != 1:
+                raise VideoError(f"clip has {len(edits)} edits in a track, expected one")
+            struct.pack_into(size, data, edits[0], ticks)
+
+
+def _mux(template, packets: list[_Packet], shift: int, time_base: Fraction, duration: Fraction) -> bytes:
+    """An mp4 of ``packets`` (one stream, copied as they are) whose timeline starts at ``shift``
+    (earlier packets become a pre-roll the edit list skips) and lasts ``duration`` seconds."""
+    buf = io.BytesIO()
+    # The movie's timescale is the track's own, so the edit's end falls exactly where a frame's
+    # time does; an edit list is written even when nothing needs skipping, so one always exists.
+    options = {"movie_timescale": str(time_base.denominator), "use_editlist": "1"}
+    with av.open(buf, "w", format="mp4", options=options) as out:
+        stream = out.add_stream_from_template(template)
+        for packet in packets:
+            out.mux(packet.to_av(shift, time_base, stream))
+    data = bytearray(buf.getvalue())
+    _set_duration(data, duration)
+    return bytes(data)
 
 
 @_video_errors
-def remux(source, start_frame: int, end_frame: int) -> Clip:
-    """Copy the packets covering [start_frame, end_frame) into a new mp4, without re-encoding.
+def cut_windows(source, windows: list[tuple[int, int]], audio: bool = False) -> Iterator[tuple[Clip, AudioClip | None]]:
+    """Remux: copy the packets of each window [start_frame, end_frame) into a clip of its own,
+    without re-encoding, in one forward pass over the source (windows in order of start).
 
-    The clip starts at the keyframe at or before ``start_frame`` (so it may hold earlier
-    frames) and may end with reference frames past ``end_frame``; ``source_frames`` says
-    exactly which source frame each clip frame is, so readers trim.
+    A clip holds the packets from the keyframe at or before the window's first frame through
+    the last packet a window frame needs; its edit list makes FFmpeg's demuxer (and so the
+    readers built on it) decode exactly the window's frames, clip frame k (time k/fps) being
+    source frame start_frame + k.
+    With ``audio``, the window's audio packets (and one before, which the decoder needs to
+    start) go into an AudioClip; None when the source has no audio track.
     """
-    container, stream, packets = _copy_packets(source, start_frame, end_frame)
-    with container:
-        first = frame_index_of_pts(packets[0].pts, stream)
-        shift = packets[0].pts
-        out_buf = io.BytesIO()
-        with av.open(out_buf, "w", format="mp4") as out:
-            out_stream = out.add_stream_from_template(stream)
-            for packet in packets:
-                packet.pts -= shift
-                packet.dts -= shift
-                packet.stream = out_stream
-                out.mux(packet)
-        last = max(frame_index_of_pts(p.pts + shift, stream) for p in packets)
-        width, height = stream.codec_context.width, stream.codec_context.height
-    # Timestamps were shifted by the first keyframe's: clip frame k is source frame first + k.
-    return Clip(out_buf.getvalue(), list(range(first, last + 1)), width, height)
+    with _open(source) as container:
+        video_stream = container.streams.video[0]
+        audio_stream = container.streams.audio[0] if audio and container.streams.audio else None
+        fps = _rate(video_stream)
+        video_tb = video_stream.time_base
+        # Float arithmetic, exact to far less than a frame: Fractions cost microseconds per packet.
+        frame_scale, video_start = float(video_tb * fps), video_stream.start_time or 0
+        audio_tb = float(audio_stream.time_base) if audio_stream is not None else 0.0
+
+        def frame(ts: int) -> int:
+            return round((ts - video_start) * frame_scale)
+
+        pending = list(windows)
+        gop: list[_Packet] = []        # video packets from the latest keyframe the next window may start at
+        sound: list[_Packet] = []      # audio packets from shortly before the next window
+        video_done, audio_done = False, audio_stream is None
+
+        def ready(end_frame: int) -> bool:
+            return ((video_done or bool(gop) and frame(gop[-1].dts) >= end_frame)
+                    and (audio_done or bool(sound) and sound[-1].pts * audio_tb >= end_frame / fps))
+
+        def emit(start_frame: int, end_frame: int):
+            keys = [i for i, p in enumerate(gop) if p.keyframe and frame(p.pts) <= start_frame]
+            if not keys:
+                raise VideoError(f"no keyframe at or before frame {start_frame}")
+            packets = [p for p in gop[keys[-1]:] if frame(p.dts) < end_frame]
+            # Packets after the last one showing a window frame are referenced by none of them.
+            while frame(packets[-1].pts) >= end_frame:
+                packets.pop()
+            duration = Fraction(end_frame - start_frame) / fps
+            start_pts = int(video_start + start_frame / fps / video_tb)
+            clip = Clip(_mux(video_stream, packets, start_pts, video_tb, duration),
+                        list(range(start_frame, end_frame)), video_stream.codec_context.width,
+                        video_stream.codec_context.height)
+            sound_clip = None
+            if audio_stream is not None:
+                t0, t1 = float(start_frame / fps), float(end_frame / fps)
+                kept = [i for i, p in enumerate(sound) if (p.pts + p.duration) * audio_tb > t0 and p.pts * audio_tb < t1]
+                if kept:
+                    chunk = sound[max(0, kept[0] - 1):kept[-1] + 1]
+                    shift = int(Fraction(start_frame) / fps / audio_stream.time_base)
+                    sound_clip = AudioClip(_mux(audio_stream, chunk, shift, audio_stream.time_base, duration),
+                                           audio_stream.codec_context.name, audio_stream.rate, audio_stream.channels)
+            return clip, sound_clip
+
+        def prune(start_frame: int) -> None:
+            keys = [i for i, p in enumerate(gop) if p.keyframe and frame(p.pts) <= start_frame]
+            if keys:
+                del gop[:keys[-1]]
+            if audio_stream is not None:
+                t0 = float(start_frame / fps)
+                keep = [i for i, p in enumerate(sound) if (p.pts + p.duration) * audio_tb > t0]
+                del sound[:max(0, (keep[0] if keep else len(sound)) - 1)]
+
+        streams = [video_stream] + ([audio_stream] if audio_stream is not None else [])
+        for packet in container.demux(*streams):
+            if packet.dts is None or not packet.size:   # the demuxer's end-of-stream marker
+                continue
+            copied = _Packet(bytes(packet), packet.pts, packet.dts, packet.duration or 0, packet.is_keyframe)
+            (gop if packet.stream is video_stream else sound).append(copied)
+            while pending and ready(pending[0][1]):
+                yield emit(*pending.pop(0))
+                if pending:
+                    prune(pending[0][0])
+        video_done = audio_done = True
+        while pending:
+            yield emit(*pending.pop(0))
+            if pending:
+                prune(pending[0][0])
 
 
 def _window_frames(source, start_frame: int, end_frame: int, fps: float | None):

@@ -22,7 +22,7 @@ import ray
 import torch
 
 from engine import cli
-from engine.features import job, models
+from engine.features import job, models, store
 from engine.features.store import feature_name
 from engine.features.windows import feature_windows, video_windows
 from engine.release import Release
@@ -93,6 +93,34 @@ def test_features_from_shards_equal_features_from_the_release(tiny_release, feat
     assert record["status"] == "done" and record["kind"] == "features"
     assert stage["model"]["name"] == "tiny_video" and stage["weights_sha256"] == "random-init-seed-0"
     assert (stage["window"], stage["stride"], stage["dim"], stage["take_views"], stage["rejects"]) == (32, 16, 240, 15, 0)
+
+
+def test_files_are_written_by_writer_actors_off_the_driver(features, tmp_path):
+    """Writer actors, not the driver, gather each take view and write its files; a writer counts a
+    window given twice (a retried batch) once and reports a take view that never completed."""
+    writers = json.loads((features / "stage.json").read_text())["result"]["writers"]
+    assert len(writers) == 1 and writers[0]["take_views"] == 15 and writers[0]["pid"] != os.getpid()
+
+    clean = _load_all(features)
+    name = sorted(clean)[0]
+    rows = pq.read_table(str(features / "parquet" / f"{name}.parquet")).to_pandas()
+
+    def batch(rows):
+        return {"name": np.array([name] * len(rows)), "num_windows": np.full(len(rows), 3),
+                **{k: rows[k].to_numpy() for k in store.TakeViewWriter.COLUMNS},
+                "vector": np.stack(rows["vector"].to_numpy()).astype(np.float32)}
+
+    writer = store.TakeViewWriter(str(tmp_path / "w"), threads=2)
+    writer.add(batch(rows.iloc[[2, 0]]))
+    writer.add(batch(rows.iloc[[0]]))                       # again: still 2 of 3 windows
+    assert writer.finish()["partial"] == {name: 2} and not (tmp_path / "w").exists()
+    writer = store.TakeViewWriter(str(tmp_path / "w"), threads=2)
+    writer.add(batch(rows.iloc[[2, 0]]))
+    writer.add(batch(rows.iloc[[1, 1]]))
+    writer.add(batch(rows.iloc[[0]]))                       # after it was written: ignored
+    report = writer.finish()
+    assert report["written"] == {name: [3, 240]} and report["partial"] == {} and report["pid"] == os.getpid()
+    assert torch.equal(torch.load(tmp_path / "w" / f"{name}.pt", weights_only=True), clean[name])
 
 
 def test_image_model_gives_one_feature_per_frame_at_the_chosen_rate(tiny_release, shards, tmp_path):
@@ -198,6 +226,32 @@ def test_undecodable_media_rejects_that_take_view_and_the_rest_finish(shards, fe
         np.testing.assert_allclose(tensor.numpy(), clean[name].numpy(), rtol=0, atol=1e-5)
 
 
+def _kill_session(sid: int) -> None:
+    """SIGKILL every process of a session and wait until none runs: Ray's workers (the feature
+    writers among them) have process groups of their own, so killing the driver's group alone
+    could leave a writer finishing a file after the test has looked."""
+    def running() -> list[int]:
+        pids = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()   # state ppid pgrp session ...
+            except OSError:
+                continue
+            if int(fields[3]) == sid and fields[0] != "Z":
+                pids.append(int(stat.parent.name))
+        return pids
+
+    deadline = time.time() + 30
+    while (pids := running()) and time.time() < deadline:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.05)
+    assert not running()
+
+
 def test_rerun_after_a_killed_driver_skips_finished_outputs(shards, features, tmp_path):
     # One take per shard: take views finish shard by shard, so a kill at the first .pt usually
     # lands mid-job. Ray Data may hand the driver several shards' outputs at once, so a kill that
@@ -211,7 +265,7 @@ def test_rerun_after_a_killed_driver_skips_finished_outputs(shards, features, tm
         deadline = time.time() + 180
         while not list(out.glob("*.pt")) and time.time() < deadline and driver.poll() is None:
             time.sleep(0.02)
-        os.killpg(driver.pid, signal.SIGKILL)   # the driver and the Ray processes it started
+        _kill_session(driver.pid)   # the driver and the Ray processes it started
         driver.wait()
         finished = {p.stem: p.stat().st_mtime_ns for p in out.glob("*.pt")}
         if 0 < len(finished) < 15:
@@ -303,7 +357,8 @@ def test_two_node_cluster(shards, features, tmp_path, gpu_node):
     try:
         ray.init(address=cluster.address, log_to_driver=False)
         assert len([n for n in ray.nodes() if n["Alive"]]) == 2
-        job.run(str(shards), str(tmp_path / "out"), config, progress=False)
+        head = ray.get_runtime_context().get_node_id()
+        stage = job.run(str(shards), str(tmp_path / "out"), config, progress=False)
     finally:
         ray.shutdown()
         cluster.shutdown()
@@ -312,3 +367,5 @@ def test_two_node_cluster(shards, features, tmp_path, gpu_node):
     assert sorted(got) == sorted(clean)
     for name in got:
         np.testing.assert_allclose(got[name].numpy(), clean[name].numpy(), rtol=0, atol=1e-5)
+    # Windows embedded on either node went to the writer, a worker process on the driver's node.
+    assert [(w["node"], w["take_views"]) for w in stage["writers"]] == [(head, 15)] and stage["writers"][0]["pid"] != os.getpid()

@@ -21,9 +21,10 @@ def _meta(mode: str = "remux") -> schema.SampleMeta:
                                       source="takes/x/aria01_214-1.mp4", width=448, height=448,
                                       source_frames=[30, 45], media_start=1.0, media_end=1.5, **media)},
         sensors={"trajectory": schema.ArraySensor(schema.sensor_member("trajectory"), ["t_us", "x"], 10),
-                 "audio": schema.AudioSensor(schema.sensor_member("audio"), rate=48000, channels=1, start=1.0,
-                                             dtype="float16")},
-        annotations={"keystep_segments": []})
+                 "audio": schema.AudioSensor(schema.AUDIO_MEMBER, codec="aac", rate=48000, channels=1, start=1.0,
+                                             samples=48000)},
+        annotations={"keystep_segments": []},
+        arrays={"relations": {"member": "relations.npz", "arrays": {}}})
 
 
 @pytest.mark.parametrize("mode", ["remux", "frames"])
@@ -33,19 +34,20 @@ def test_meta_round_trips_through_its_json(mode):
     assert data["version"] == schema.VERSION
     assert ("members" in data["views"]["ego"]) == (mode == "frames") != ("member" in data["views"]["ego"])
     assert schema.read_meta(meta.encode()) == schema.SampleMeta.from_json(data) == meta
-    assert data["key"] == "uid-1_00000030" and data["sensors"]["trajectory"]["member"] == "trajectory.npy"
+    assert data["key"] == "uid-1_00000030" and data["sensors"]["trajectory"]["member"] == "trajectory.npz"
 
 
-def test_a_sample_written_before_the_version_field_reads_as_version_1():
+def test_version_1_samples_are_refused_with_the_fix():
     data = _meta().to_json()
-    del data["version"]
-    assert schema.SampleMeta.from_json(data).version == 1
+    for old in ({**data, "version": 1}, {k: v for k, v in data.items() if k != "version"}):   # no field: version 1
+        with pytest.raises(schema.SchemaError, match=r"sample uid-1_00000030: layout version 1 .*write the shards again"):
+            schema.SampleMeta.from_json(old)
 
 
 def test_unknown_version_and_missing_or_unknown_fields_name_the_sample():
     data = _meta().to_json()
-    with pytest.raises(schema.SchemaError, match=r"sample uid-1_00000030: layout version 2"):
-        schema.SampleMeta.from_json({**data, "version": 2})
+    with pytest.raises(schema.SchemaError, match=r"sample uid-1_00000030: layout version 3"):
+        schema.SampleMeta.from_json({**data, "version": 3})
     broken = json.loads(json.dumps(data))
     del broken["views"]["ego"]["source_frames"]
     with pytest.raises(schema.SchemaError, match=r"sample uid-1_00000030: views\.ego lacks field source_frames"):

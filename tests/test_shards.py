@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import glob
+import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,9 +22,10 @@ import torch
 import webdataset as wds
 import wids
 
+from engine import video
 from engine.miniature.stamp import read_stamp
 from engine.release import Release
-from engine.shards import clip_dataset, decode_sample, job, ray_dataset
+from engine.shards import clip_dataset, decode_sample, dense, job, ray_dataset
 from engine.shards.dataset import decode_view
 from engine.shards.plan import ShardConfig, ShardSpec, window_frames
 
@@ -40,18 +43,39 @@ def _write(release_root: Path, out: Path, config: ShardConfig, takes: int = 2) -
     return _samples([str(out / "train" / "train-000000.tar")])
 
 
+def _ffprobe_frames(data: bytes, tmp_path: Path) -> int:
+    """Frames FFmpeg's own command-line tool decodes from a clip (another FFmpeg build than PyAV's)."""
+    path = tmp_path / "clip.mp4"
+    path.write_bytes(data)
+    out = subprocess.run(["ffprobe", "-v", "error", "-count_frames", "-select_streams", "v:0", "-show_entries",
+                          "stream=nb_read_frames", "-of", "csv=p=0", str(path)], capture_output=True, text=True, check=True)
+    return int(out.stdout.strip())
+
+
 @pytest.mark.parametrize("resolution", ["full", "448"])
 @pytest.mark.parametrize("mode", ["remux", "transcode", "frames"])
-def test_every_view_at_any_time_is_the_source_frame_at_that_time(default_release, tmp_path, mode, resolution):
+def test_every_clip_decodes_to_exactly_its_window(default_release, tmp_path, mode, resolution):
+    assert shutil.which("ffprobe"), "ffprobe (Debian's ffmpeg) is needed: ./dev test installs it"
     config = ShardConfig(mode=mode, resolution=resolution, window=1.5, stride=1.0)
     samples = _write(default_release, tmp_path, config, takes=1)
-    assert len(samples) == 4   # a 4 s take: windows [0,1.5) [1,2.5) [2,3.5) [3,4)
+    assert len(samples) == 4   # a 4 s take: windows [0,1.5) [1,2.5) [2,3.5) [3,4), the last one short
     rng = np.random.default_rng(0)
     for sample in samples:
         meta = json.loads(sample["json"])
-        t0, t1 = meta["window"]["t0"], meta["window"]["t1"]
-        times = np.sort(rng.uniform(t0, t1, 5))
+        f0, f1 = meta["window"]["start_frame"], meta["window"]["end_frame"]
         for name, info in meta["views"].items():
+            # Any reader: every frame of the member, in order, is the window's next source frame.
+            if mode == "frames":
+                stamps = [read_stamp(video.decode_jpeg(sample[m])) for m in info["members"]]
+            else:
+                decoded = list(video.decode(io.BytesIO(sample[info["member"]])))
+                stamps = [read_stamp(image) for _, image in decoded]
+                # Timestamps too: clip frame k is shown at k/30 s, as its frame rate says.
+                assert [index for index, _ in decoded] == list(range(f1 - f0))
+                assert _ffprobe_frames(sample[info["member"]], tmp_path) == f1 - f0
+            assert stamps == info["source_frames"] == list(range(f0, f1))
+            # Our reader at any time shows the source frame on screen at that time.
+            times = np.sort(rng.uniform(meta["window"]["t0"], meta["window"]["t1"], 5))
             frames, source = decode_view(sample, name, times)
             assert [read_stamp(f) for f in frames] == [int(np.floor(t * FPS + 1e-6)) for t in times] == source
             short = min(info["width"], info["height"])
@@ -74,31 +98,97 @@ def test_lower_fps_and_size_report_the_frame_they_show(default_release, tmp_path
 def test_sample_carries_annotations_and_sensors(default_release, tmp_path):
     samples = _write(default_release, tmp_path, ShardConfig(window=2.0), takes=4)
     release = Release.open(str(default_release))
-    seen = set()
+    seen, families = set(), set()
     for sample in samples:
         clip = decode_sample(sample, num_frames=2)
         meta, ann = clip["json"], clip["json"]["annotations"]
         t0, t1 = meta["window"]["t0"], meta["window"]["t1"]
+        f0, f1 = meta["window"]["start_frame"], meta["window"]["end_frame"]
         assert sorted(clip["frames"]) == ["cam01", "cam02", "cam03", "cam04", "ego"]
-        assert clip["audio"].shape[1] == pytest.approx((t1 - t0) * 48000, abs=1100)
-        assert (clip["trajectory"][:, 0] / 1e6 >= t0).all() and (clip["trajectory"][:, 0] / 1e6 < t1).all()
+        # The audio member is the source's AAC packets; it decodes to the window's samples (the
+        # source's last partial AAC frame aside).
+        assert meta["sensors"]["audio"]["codec"] == "aac"
+        assert (t1 - t0) * 48000 - 1024 <= clip["audio"].shape[1] <= (t1 - t0) * 48000
+        trajectory = clip["trajectory"]
+        assert list(trajectory) == meta["sensors"]["trajectory"]["columns"]
+        assert trajectory["tracking_timestamp_us"].dtype == np.int64
+        seconds = trajectory["tracking_timestamp_us"] / 1e6
+        assert len(seconds) and (seconds >= t0).all() and (seconds < t1).all()
         assert ann["proficiency_demonstrator"]["proficiency_score"]
         for seg in ann["keystep_segments"]:
             assert seg["start_time"] < t1 and seg["end_time"] > t0 and seg["label_id"] is not None
-        for part in ("body", "hand"):
-            for frame in ann[f"ego_pose_{part}_annotation"]:
-                assert meta["window"]["start_frame"] <= int(frame) < meta["window"]["end_frame"]
-        ego_poses = ann["camera_pose"]["aria01"]["camera_extrinsics"]
-        assert sorted(map(int, ego_poses)) == list(range(meta["window"]["start_frame"], meta["window"]["end_frame"]))
-        for _obj, views in ann["relations"].items():
-            for _view, frames in views.items():
-                assert all(meta["window"]["start_frame"] <= int(f) < meta["window"]["end_frame"] for f in frames)
+        for family, arrays in clip["arrays"].items():
+            assert ((arrays["frames"] >= f0) & (arrays["frames"] < f1)).all(), family
+        families |= set(clip["arrays"])
+        _arrays_equal_the_release(release, meta, clip["arrays"])
         seen |= {k for k, v in ann.items() if v}
         uid = meta["take"]["take_uid"]
         assert meta["take"]["scenario"] == release.take(uid).scenario
     assert {"keystep", "keystep_segments", "procedure_understanding", "proficiency_demonstrator",
-            "proficiency_demonstration", "relations", "atomic_descriptions", "expert_commentary",
-            "ego_pose_body_annotation", "ego_pose_hand_automatic", "camera_pose"} <= seen
+            "proficiency_demonstration", "atomic_descriptions", "expert_commentary"} <= seen
+    assert {"ego_pose_body_annotation", "ego_pose_hand_automatic", "camera_pose", "relations"} <= families
+
+
+def _arrays_equal_the_release(release: Release, meta: dict, arrays: dict) -> None:
+    """The sample's dense arrays hold the release's values for its window: keypoints within
+    float32 rounding (relative 2^-24), masks exactly."""
+    uid, split = meta["take"]["take_uid"], meta["take"]["split"]
+    f0, f1 = meta["window"]["start_frame"], meta["window"]["end_frame"]
+    family = "ego_pose_body_annotation"
+    if family in arrays:
+        raw = release.read_json(f"annotations/ego_pose/{split}/body/annotation/{uid}.json")
+        expected = {int(f): e[0]["annotation3D"] for f, e in raw.items() if f0 <= int(f) < f1}
+        got = dense.pose_frames(arrays[family], meta["arrays"][family])
+        assert sorted(got) == sorted(expected)
+        for frame, joints in expected.items():
+            assert sorted(got[frame]["annotation3D"]) == sorted(joints)
+            for joint, p in joints.items():
+                for axis in "xyz":
+                    assert got[frame]["annotation3D"][joint][axis] == pytest.approx(p[axis], rel=2 ** -23, abs=1e-7)
+    if "relations" in arrays:
+        masks = release.relations(split)[uid].object_masks
+        checked = 0
+        for obj, views in masks.items():
+            for view, frames in views.items():
+                for frame, encoded in frames.items():
+                    if f0 <= frame < f1:
+                        assert np.array_equal(dense.mask(arrays["relations"], meta["arrays"]["relations"], obj, view, frame),
+                                              encoded.decode())
+                        checked += 1
+        assert checked == len(arrays["relations"]["frames"])
+
+
+def _packet_bytes(path: Path) -> int:
+    import av
+    with av.open(str(path)) as container:
+        return sum(p.size for p in container.demux(container.streams.audio[0]) if p.size)
+
+
+def test_annotations_sensors_and_audio_are_stored_compactly(tiny_release, tmp_path):
+    """Every take of a release sharded with the default window: the members that are not video
+    (JSON, sensor and annotation arrays) take at most half the bytes of the release's annotation and
+    sensor files, and the audio at most 1.1x the AAC it is copied from."""
+    import tarfile
+
+    release = Release.open(str(tiny_release))
+    for split, uids in release.splits().split_to_take_uids.items():
+        if uids:
+            job.write_shard(ShardSpec(split, 0, tuple(uids)), str(tiny_release), str(tmp_path), ShardConfig())
+    sizes = {"mp4": 0, "m4a": 0, "other": 0}
+    for tar in tmp_path.rglob("*.tar"):
+        with tarfile.open(tar) as archive:
+            for member in archive:
+                kind = member.name.rsplit(".", 1)[1]
+                sizes[kind if kind in sizes else "other"] += member.size
+    takes = release.takes()
+    annotations = sum(f.stat().st_size for f in (tiny_release / "annotations").rglob("*") if f.is_file())
+    sensors = sum(f.stat().st_size for take in takes for folder in ("trajectory", "eye_gaze")
+                  for f in (tiny_release / take.root_dir / folder).glob("*.csv"))
+    aac = sum(_packet_bytes(tiny_release / view.path) for take in takes for view in take.views("448") if view.is_ego)
+    print(f"non-media {sizes['other'] / (annotations + sensors):.3f}x the annotation and sensor files, "
+          f"audio {sizes['m4a'] / aac:.3f}x its AAC")
+    assert sizes["other"] <= 0.5 * (annotations + sensors)
+    assert aac < sizes["m4a"] <= 1.1 * aac
 
 
 def test_windows_follow_the_take():
@@ -253,8 +343,6 @@ def test_killed_worker_then_killed_driver_resume_to_identical_shards(default_rel
 
 def test_a_few_frames_decode_a_few_gops_not_the_window(default_release, monkeypatch):
     """decode_at seeks to the keyframe before each wanted frame when that skips decoding."""
-    from engine import video
-
     take = Release.open(str(default_release)).takes()[0]
     clip = video.transcode(str(default_release / take.views("448")[1].path), 0, 120, gop=30)
     decoded = []

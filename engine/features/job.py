@@ -3,7 +3,9 @@
 Pipeline (Ray Data, streaming):
   shards --flat_map on CPU tasks--> windows of frames (uint8, cropped to the model's input)
          --map_batches on an actor pool (GPU when the cluster has one, CPU otherwise)--> vectors
-         --> the driver gathers each take view's windows and writes its files when complete.
+         --> writer actors (worker processes on the driver's node; a take view always to the same one)
+             gather each take view's windows and write its files when complete, many at once.
+  The driver process only sees rejects and, at the end, what each writer wrote: no feature bytes.
 
 Outputs under OUT (the official layout is OUT = <release>/features/<model>; engine.features.store
 owns the per take view files, their names, writing and reading):
@@ -22,6 +24,7 @@ import dataclasses
 import functools
 import tarfile
 import time
+import zlib
 from collections.abc import Iterator
 
 import numpy as np
@@ -44,6 +47,7 @@ from engine.features.windows import (
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 SPLITS = ("train", "val", "test")
+WRITE_THREADS = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,11 +79,13 @@ class FeatureConfig(P.Params):
     actors: int | None = P.setting(None, "model actors, at most (default: one per GPU share, or 1 without GPUs)",
                                    fingerprint=False)
     cpus_per_actor: float = P.setting(1.0, "without GPUs: CPUs (torch threads) per actor", fingerprint=False)
+    writers: int = P.setting(1, "writer processes (on the driver's node) that gather take views and write their "
+                                f"files, {WRITE_THREADS} at once each", fingerprint=False)
 
     def __post_init__(self):
         super().__post_init__()
-        if self.window < 1 or self.stride < 1 or self.batch_size < 1:
-            raise ValueError("window, stride and batch size must be positive")
+        if self.window < 1 or self.stride < 1 or self.batch_size < 1 or self.writers < 1:
+            raise ValueError("window, stride, batch size and writers must be positive")
         if not 0 < self.gpus_per_actor <= 8:
             raise ValueError(f"gpus per actor must be in (0, 8], got {self.gpus_per_actor}")
 
@@ -176,12 +182,15 @@ class _ViewState:
 
 class Embedder:
     """The model stage: uint8 windows in, float32 vectors out. Ray Data runs one per actor;
-    tests and benchmarks call it directly."""
+    tests and benchmarks call it directly. Given ``writers`` (``store.TakeViewWriter`` actors),
+    it hands each window's vector to its take view's writer and passes on only the error rows."""
 
-    def __init__(self, model: dict, precision: str = "auto", device: str | None = None, threads: int | None = None):
+    def __init__(self, model: dict, precision: str = "auto", device: str | None = None, threads: int | None = None,
+                 writers: list | None = None):
         import torch
 
         self.torch = torch
+        self.writers = writers
         if threads:
             torch.set_num_threads(threads)
         self.spec = ModelSpec(**model)
@@ -219,7 +228,16 @@ class Embedder:
             vectors[ok] = self.embed(batch["frames"][ok])
         out = {k: v for k, v in batch.items() if k != "frames"}
         out["vector"] = vectors
-        return out
+        if not self.writers:
+            return out
+        import ray
+
+        # A stable hash (str's is salted per process): every actor sends a take view to the same writer.
+        which = np.array([zlib.crc32(name.encode()) % len(self.writers) for name in out["name"]])
+        # Waiting for the writers' receipts means a batch that returns has been handed over.
+        ray.get([writer.add.remote({k: v[ok & (which == i)] for k, v in out.items()})
+                 for i, writer in enumerate(self.writers) if (ok & (which == i)).any()])
+        return {k: v[~ok] for k, v in out.items() if k != "vector"}
 
 
 # ----------------------------------------------------------------------------- reference path
@@ -291,7 +309,7 @@ def _run(config: FeatureConfig, inputs: dict, out_url: str, ctx: stages.Context)
     items, finished = _shard_items(fs, shards, shards_url, shard_stage, config.splits, config.views, done)
     log(f"features: {finished + len(items)} shards, {finished} already done, {len(items)} to read; "
         f"{len(done)} take views already written")
-    rejects, written, windows, dim = [], 0, 0, None
+    rejects, written, windows, dim, writers_used = [], 0, 0, None, []
     if items:
         import ray.data
         ray.data.DataContext.get_current().enable_progress_bars = ctx.progress
@@ -307,6 +325,12 @@ def _run(config: FeatureConfig, inputs: dict, out_url: str, ctx: stages.Context)
             resources = {"num_cpus": config.cpus_per_actor}
             threads = max(1, int(config.cpus_per_actor))
         log(f"  model stage: {actors} {'GPU' if use_gpu else 'CPU'} actor(s), {resources}")
+        # Writers hold take views in progress, so they live on the driver's node: losing a worker node
+        # then costs only Ray Data's retries, as before. No CPU of their own: they mostly wait on storage.
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        writer = ray.remote(num_cpus=0, scheduling_strategy=here)(store.TakeViewWriter)
+        writers = [writer.remote(out_url, storage_options, WRITE_THREADS) for _ in range(config.writers)]
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         ds = ds.flat_map(shard_windows, num_cpus=1, fn_kwargs={
             "model": config.spec.to_json(), "window": config.window, "stride": config.stride,
@@ -315,32 +339,32 @@ def _run(config: FeatureConfig, inputs: dict, out_url: str, ctx: stages.Context)
                             # GPU pools grow from one actor as demand (and the cluster's GPU nodes) allow.
                             compute=ray.data.ActorPoolStrategy(min_size=1 if use_gpu else actors, max_size=actors),
                             fn_constructor_kwargs={"model": config.spec.to_json(), "precision": config.precision,
-                                                   "threads": threads}, **resources)
-        pending: dict[str, list[dict]] = {}
+                                                   "threads": threads, "writers": writers}, **resources)
         failed: set[str] = set()
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            for j in range(len(batch["name"])):
-                row = {k: v[j] for k, v in batch.items()}
-                name = str(row["name"])
-                if name in failed:
-                    continue
-                if row["error"]:
+        try:
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):   # error rows only
+                for j in range(len(batch["name"])):
+                    name = str(batch["name"][j])
+                    if name in failed:
+                        continue
                     failed.add(name)
-                    pending.pop(name, None)
-                    rejects.append({"name": name, "take_uid": str(row["take_uid"]) or None,
-                                    "split": str(row["split"]), "shard": str(row["shard"]),
-                                    "reason": str(row["error"])})
-                    log(f"  rejected {name}: {row['error']}")
-                    continue
-                rows = pending.setdefault(name, [])
-                rows.append({k: (str(v) if isinstance(v, np.str_) else v) for k, v in row.items()})
-                if len(rows) == int(row["num_windows"]):
-                    store.write_take_view(out_fs, out, name, pending.pop(name))
-                    written, windows, dim = written + 1, windows + len(rows), len(row["vector"])
-        for name, rows in pending.items():   # cannot happen unless a stage dropped rows; never hide it
-            rejects.append({"name": name, "take_uid": str(rows[0]["take_uid"]), "split": str(rows[0]["split"]),
-                            "shard": str(rows[0]["shard"]),
-                            "reason": f"only {len(rows)} of {rows[0]['num_windows']} windows arrived"})
+                    rejects.append({"name": name, "take_uid": str(batch["take_uid"][j]) or None,
+                                    "split": str(batch["split"][j]), "shard": str(batch["shard"][j]),
+                                    "reason": str(batch["error"][j])})
+                    log(f"  rejected {name}: {batch['error'][j]}")
+            reports = ray.get([w.finish.remote() for w in writers])
+        finally:
+            for w in writers:
+                ray.kill(w)
+        for report in reports:
+            for n, d in report["written"].values():
+                written, windows, dim = written + 1, windows + n, d
+            writers_used.append({"node": report["node"], "pid": report["pid"], "take_views": len(report["written"])})
+            for name, n in report["partial"].items():   # cannot happen unless a stage dropped rows; never hide it
+                if name not in failed:
+                    parsed = store.parse_name(name)
+                    rejects.append({"name": name, "take_uid": parsed.take_uid, "split": None, "shard": None,
+                                    "reason": f"only {n} windows arrived"})
     all_done = store.finished(out_fs, out)
     storage.write_json_atomic(out_fs, storage.join(out, "rejects.json"), rejects)
     return {
@@ -350,6 +374,7 @@ def _run(config: FeatureConfig, inputs: dict, out_url: str, ctx: stages.Context)
         "dim": dim if dim is not None else store.dim_of(out_fs, out, all_done),
         "take_views": len(all_done), "written_this_run": written, "windows_this_run": windows,
         "rejects": len(rejects), "wall_seconds": round(time.time() - started, 3),
+        "writers": writers_used,   # where this run's files were written: node, process, take views
     }
 
 

@@ -11,13 +11,15 @@ the Aria (ego) camera, the release's stream id (``0``) for GoPros, so ``<uid>_ar
 take_uid may hold one.
 
 Names are plain strings everywhere (``FeatureName`` is their parsed form); the feature job
-writes with ``write_take_view`` and lists with ``finished``; training reads with
-``FeatureStore``. Nothing here imports torch until a tensor is written or loaded.
+writes with ``TakeViewWriter`` (which calls ``write_take_view``) and lists with ``finished``;
+training reads with ``FeatureStore``. Nothing here imports torch until a tensor is written or loaded.
 """
 from __future__ import annotations
 
+import concurrent.futures as cf
 import functools
 import io
+import os
 import posixpath
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -120,6 +122,7 @@ def _parquet_path(out: str, name: str) -> str:
 def finished(fs: fsspec.AbstractFileSystem, out: str) -> set[str]:
     """Names of the take views finished under ``out``: those whose .pt exists (a .pt that is
     not named like a feature file is not one)."""
+    fs.invalidate_cache(out)   # writers are other processes: a listing cached here (s3fs) may be stale
     names = set()
     for path in fs.glob(_tensor_path(out, "*")):
         name = posixpath.basename(path)[:-len(".pt")]
@@ -159,6 +162,62 @@ def write_take_view(fs: fsspec.AbstractFileSystem, out: str, name: str, rows: li
     buf = io.BytesIO()
     torch.save(torch.from_numpy(vectors), buf)
     storage.write_bytes_atomic(fs, _tensor_path(out, name), buf.getvalue())
+
+
+class TakeViewWriter:
+    """Gathers window rows as they come (columns as ``write_take_view`` takes them, plus ``name``
+    and ``num_windows``, in any order and any batches) and writes each take view's files once its
+    last window is in, on a pool of threads: object stores take many PUTs at once. The feature
+    job runs a few of these as Ray actors, so the writes happen off the driver, in parallel.
+
+    A window given twice (a retried batch) counts once; take views that never complete (a
+    rejected one's) are only reported by ``finish``."""
+
+    COLUMNS = ("take_uid", "cam_id", "stream_id", "window", "t0", "t1")
+
+    def __init__(self, out_url: str, storage_options: dict | None = None, threads: int = 8):
+        import pyarrow.parquet  # noqa: F401 - imported (a second or two) while the pipeline starts, not at the first write
+        import torch  # noqa: F401
+        self.fs, self.out = storage.filesystem(out_url, storage_options)
+        self.pool = cf.ThreadPoolExecutor(threads)
+        self.limit = 4 * threads                      # writes queued at most; more waits (backpressure)
+        self.partial: dict[str, dict[int, dict]] = {}
+        self.written: dict[str, tuple[int, int]] = {}  # name -> (windows, dim)
+        self.futures: set[cf.Future] = set()
+
+    def add(self, batch: dict[str, np.ndarray]) -> None:
+        """Window rows as columns (``vector`` float32 [rows, dim]); returns when every complete
+        take view among them is queued; raises the error of any write that failed."""
+        columns = {k: batch[k].tolist() for k in ("name", "num_windows", *self.COLUMNS)}
+        for j, name in enumerate(columns["name"]):
+            if name in self.written:
+                continue
+            rows = self.partial.setdefault(name, {})
+            rows[columns["window"][j]] = dict({k: columns[k][j] for k in self.COLUMNS}, vector=batch["vector"][j])
+            if len(rows) == columns["num_windows"][j]:
+                del self.partial[name]
+                self.written[name] = (len(rows), len(batch["vector"][j]))
+                self.futures.add(self.pool.submit(write_take_view, self.fs, self.out, name, list(rows.values())))
+        self._settle(self.limit)
+
+    def _settle(self, limit: int) -> None:
+        while len(self.futures) > limit:
+            finished, self.futures = cf.wait(self.futures, return_when=cf.FIRST_COMPLETED)
+            for f in finished:
+                f.result()
+        for f in [f for f in self.futures if f.done()]:
+            self.futures.discard(f)
+            f.result()
+
+    def finish(self) -> dict:
+        """Wait for every write (raising the first error); what was written, where, and what never
+        completed: ``written`` name -> [windows, dim], ``partial`` name -> windows in, ``pid``, ``node``."""
+        self._settle(0)
+        self.pool.shutdown()
+        import ray
+        node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+        return {"written": {k: list(v) for k, v in self.written.items()},
+                "partial": {k: len(v) for k, v in self.partial.items()}, "pid": os.getpid(), "node": node}
 
 
 def _read_tensor(fs: fsspec.AbstractFileSystem, out: str, name: str) -> Any:

@@ -9,12 +9,97 @@ from pycocotools import mask as coco_mask
 _lz = lzstring.LZString()
 
 
-def decode_mask(encoded: str, height: int, width: int) -> np.ndarray:
-    """Binary mask [height, width] (uint8) of an ``encodedMask`` string."""
-    counts = _lz.decompressFromEncodedURIComponent(encoded)
+_URI_SAFE = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+-$"
+_SIX_BITS = {c: format(i, "06b") for i, c in enumerate(_URI_SAFE)}
+
+
+def lz_decompress(encoded: str) -> str | None:
+    """LZString's ``decompressFromEncodedURIComponent``, reading many bits at a time (the
+    lzstring package reads one bit per Python step; masks are decoded by the thousand)."""
+    try:
+        bits = "".join(_SIX_BITS[c] for c in encoded.replace(" ", "+"))
+    except KeyError:
+        return None
+    position = 0
+
+    def read(n: int) -> int:
+        # Each character's bits are read high to low and make up a value low bit first.
+        nonlocal position
+        chunk = bits[position:position + n]
+        position += n
+        return int(chunk[::-1], 2) if len(chunk) == n else -1
+
+    kind = read(2)
+    if kind not in (0, 1):
+        return "" if kind == 2 else None
+    w = chr(read(8 if kind == 0 else 16))
+    dictionary = ["", "", "", w]
+    result, enlarge_in, num_bits = [w], 4, 3
+    while True:
+        code = read(num_bits)
+        if code < 0:
+            return None
+        if code in (0, 1):
+            dictionary.append(chr(read(8 if code == 0 else 16)))
+            code = len(dictionary) - 1
+            enlarge_in -= 1
+        elif code == 2:
+            return "".join(result)
+        if enlarge_in == 0:
+            enlarge_in, num_bits = 2 ** num_bits, num_bits + 1
+        if code < len(dictionary):
+            entry = dictionary[code]
+        elif code == len(dictionary):
+            entry = w + w[0]
+        else:
+            return None
+        result.append(entry)
+        dictionary.append(w + entry[0])
+        enlarge_in -= 1
+        w = entry
+        if enlarge_in == 0:
+            enlarge_in, num_bits = 2 ** num_bits, num_bits + 1
+
+
+def coco_counts(counts: str) -> np.ndarray:
+    """Run lengths (uint32) of a COCO compressed-RLE counts string: column-major pixels, zeros
+    first. Each run is a signed number in 5-bit groups (a 6th bit says another group follows),
+    from the third run on stored as the difference to the run two before."""
+    runs, value, shift, more = [], 0, 0, False
+    for char in counts:
+        group = ord(char) - 48
+        value |= (group & 0x1F) << shift
+        shift += 5
+        more = bool(group & 0x20)
+        if not more:
+            if group & 0x10:
+                value |= -1 << shift
+            if len(runs) > 2:
+                value += runs[-2]
+            runs.append(value)
+            value, shift = 0, 0
+    if more or any(r < 0 for r in runs):
+        raise ValueError("malformed COCO RLE counts")
+    return np.asarray(runs, np.uint32)
+
+
+def decode_runs(encoded: str, height: int, width: int) -> np.ndarray:
+    """Run lengths of an ``encodedMask`` string (uncompressed COCO RLE, zeros first), checked
+    against the mask's size."""
+    counts = lz_decompress(encoded)
     if not counts:
         raise ValueError("encodedMask does not LZString-decompress")
-    return coco_mask.decode({"size": [height, width], "counts": counts.encode()})
+    runs = coco_counts(counts)
+    if int(runs.sum(dtype=np.int64)) != height * width:
+        raise ValueError(f"encodedMask covers {int(runs.sum(dtype=np.int64))} pixels, not {height}x{width}")
+    return runs
+
+
+def decode_mask(encoded: str, height: int, width: int) -> np.ndarray:
+    """Binary mask [height, width] (uint8) of an ``encodedMask`` string."""
+    runs = decode_runs(encoded, height, width)
+    values = np.arange(len(runs)) % 2
+    return np.repeat(values.astype(np.uint8), runs).reshape(width, height).T
 
 
 def encode_mask(mask: np.ndarray) -> str:

@@ -402,18 +402,21 @@ class RelationsTake:
     take_name: str | None
     # object name -> view key (aria01_214-1, cam01, ...) -> frame -> mask
     object_masks: dict[str, dict[str, dict[int, EncodedMask]]]
+    # object name -> view key -> frames the view was annotated at; one without a mask: object not visible
+    annotated_frames: dict[str, dict[str, tuple[int, ...]]] = dataclasses.field(default_factory=dict)
 
 
 def parse_relations_take(uid: str, entry: Any) -> RelationsTake:
-    objects = {}
+    objects, annotated = {}, {}
     for obj, views in (_req(entry, "object_masks", dict)).items():
-        objects[obj] = {}
+        objects[obj], annotated[obj] = {}, {}
         for view, track in views.items():
             frames = {}
             for f, m in (track.get("annotation") or {}).items():
                 frames[int(f)] = EncodedMask(int(_num(m, "width")), int(_num(m, "height")), _req(m, "encodedMask", str))
             objects[obj][view] = frames
-    return RelationsTake(uid, entry.get("scenario"), entry.get("take_name"), objects)
+            annotated[obj][view] = tuple(sorted(int(f) for f in track.get("annotated_frames") or frames))
+    return RelationsTake(uid, entry.get("scenario"), entry.get("take_name"), objects, annotated)
 
 
 # ----------------------------------------------------------------------------- language

@@ -67,8 +67,9 @@ def _meta(sample: dict) -> schema.SampleMeta:
 def decode_sample(sample: dict, views: Iterable[str] | None = None, num_frames: int | None = None,
                   fps: float | None = None, size: tuple[int, int] | None = None) -> dict:
     """Decoded clip: {"key", "json" (the sample's meta as a JSON object), "times",
-    "frames": {view: uint8 [T,H,W,3]}, "source_frames": {view: [int]}, and "trajectory",
-    "gaze", "audio" arrays when present}."""
+    "frames": {view: uint8 [T,H,W,3]}, "source_frames": {view: [int]}, "arrays": {family:
+    {name: array}} (the dense annotations), and when present "trajectory" and "gaze" ({column: array})
+    and "audio" (float32 [channels, samples] of the window)}."""
     # wids keeps the dot (".ego.mp4") and hands members over as streams.
     sample = {k.lstrip("."): v.getvalue() if isinstance(v, io.BytesIO) else v for k, v in sample.items()}
     meta = sample[schema.JSON_MEMBER] = _meta(sample)    # parsed once for every view
@@ -77,8 +78,23 @@ def decode_sample(sample: dict, views: Iterable[str] | None = None, num_frames: 
     for name in views or sorted(meta.views):
         out["frames"][name], out["source_frames"][name] = decode_view(sample, name, times, size)
     for sensor, info in meta.sensors.items():
-        out[sensor] = np.load(io.BytesIO(sample[info.member]), allow_pickle=False)
+        if isinstance(info, schema.AudioSensor):
+            out[sensor] = read_audio(sample[info.member], info)
+        else:
+            out[sensor] = _arrays(sample[info.member])
+    out["arrays"] = {family: _arrays(sample[d["member"]]) for family, d in meta.arrays.items()}
     return out
+
+
+def _arrays(data: bytes) -> dict[str, np.ndarray]:
+    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+        return dict(npz.items())
+
+
+def read_audio(data: bytes, info: schema.AudioSensor) -> np.ndarray:
+    """The window's audio, float32 [channels, samples], from the sample's audio member."""
+    audio, _ = video.decode_audio(io.BytesIO(data), 0.0, info.samples / info.rate)
+    return audio
 
 
 def _register_fsspec_schemes() -> None:

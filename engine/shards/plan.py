@@ -20,10 +20,11 @@ RESOLUTIONS = ("full", "448")
 class ShardConfig(P.Params):
     splits: tuple[str, ...] = P.setting(SPLITS, "splits to shard", choices=SPLITS)
     views: str = P.setting("all", "views in each sample", choices=VIEW_SETS)
-    # 8 s windows, back to back: every frame lands in exactly one sample (shards hold the
-    # source bytes once), a window holds most keystep segments whole, and remux's keyframe
-    # pre-roll stays a small share of each clip.
-    window: float = P.setting(8.0, "window length in seconds")
+    # 16 s windows, back to back: every frame lands in exactly one sample, a window holds most
+    # keystep segments whole, and remux's pre-roll (the frames from the keyframe before a
+    # window, up to a GOP per view) adds about a quarter to the clips' bytes with 250-frame
+    # GOPs, half with 8 s windows (bench/shard.py).
+    window: float = P.setting(16.0, "window length in seconds")
     stride: float | None = P.setting(None, "window stride in seconds (default: the window)")
     mode: str = P.setting("remux", "remux: copy packets (fast, cuts snap to keyframes); transcode: re-encode "
                                    "exact windows; frames: JPEG frames", choices=MODES)

@@ -5,19 +5,20 @@ Plain Python, no Ray: ``TakeSource`` gathers what the release says about one tak
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import io
 import json
 from collections.abc import Iterator
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.csv as pacsv
 
 from engine import video
 from engine.errors import ContentError
 from engine.release import Release
 from engine.release import records as rec
-from engine.shards import schema
+from engine.shards import dense, schema
 from engine.shards.plan import ShardConfig, select_views, window_frames
 
 FPS = 30.0
@@ -49,8 +50,9 @@ class TakeSource:
     views: list[tuple[str, rec.View]]
     num_frames: int
     annotations: dict                 # benchmark -> take-level data, sliced per window later
-    trajectory: tuple[list[str], np.ndarray] | None
-    gaze: tuple[list[str], np.ndarray] | None
+    dense: dense.TakeDense            # poses, camera poses and masks as arrays, cut per window later
+    trajectory: dict[str, np.ndarray] | None
+    gaze: dict[str, np.ndarray] | None
 
     @classmethod
     def load(cls, release: Release, take: rec.Take, split: str, config: ShardConfig) -> TakeSource:
@@ -68,20 +70,27 @@ class TakeSource:
                 raise BadTake(f"{view.key}: {e}") from None
         if len(set(counts.values())) > 1:
             raise BadTake(f"views disagree on frame count: {counts}")
-        return cls(take, split, views, next(iter(counts.values())), _take_annotations(release, take, split),
+        annotations = _take_annotations(release, take, split)
+        return cls(take, split, views, next(iter(counts.values())), annotations, dense.TakeDense.from_annotations(annotations),
                    _csv(release, f"{take.root_dir}/trajectory/closed_loop_trajectory.csv"),
                    _csv(release, f"{take.root_dir}/eye_gaze/general_eye_gaze.csv"))
 
 
-def _csv(release: Release, relative: str) -> tuple[list[str], np.ndarray] | None:
-    """Numeric columns of a sensor CSV (timestamps in microseconds first), or None if absent."""
+def _csv(release: Release, relative: str) -> dict[str, np.ndarray] | None:
+    """The numeric columns of a sensor CSV by name, in file order (the device timestamp in
+    microseconds first), or None if absent. Integer columns (timestamps) stay int64; float
+    columns become float32, which keeps positions in metres to micrometres."""
     if not release.exists(relative):
         return None
     with release.open_file(relative) as f:
         table = pacsv.read_csv(f)
-    columns = [n for n, t in zip(table.column_names, table.schema.types) if str(t).startswith(("int", "double", "float"))]
-    data = np.stack([table.column(c).to_numpy().astype(np.float64) for c in columns], axis=1)
-    return columns, data
+    columns = {}
+    for name, kind in zip(table.column_names, table.schema.types):
+        if pa.types.is_integer(kind):
+            columns[name] = table.column(name).to_numpy().astype(np.int64)
+        elif pa.types.is_floating(kind):
+            columns[name] = table.column(name).to_numpy().astype(np.float32)
+    return columns
 
 
 def _optional(load):
@@ -127,8 +136,9 @@ def _take_annotations(release: Release, take: rec.Take, split: str) -> dict:
     return out
 
 
-def slice_annotations(ann: dict, t0: float, t1: float, f0: int, f1: int) -> dict:
-    """Every annotation of the take that falls in [t0, t1) (frames [f0, f1)), in the release's terms."""
+def slice_annotations(ann: dict, t0: float, t1: float) -> dict:
+    """The take's sparse annotations (segments, labels, descriptions) that fall in [t0, t1), in the
+    release's terms; the dense ones (poses, masks) go to arrays (``engine.shards.dense``)."""
     out = {}
     if "keystep" in ann:
         k = ann["keystep"]
@@ -148,93 +158,90 @@ def slice_annotations(ann: dict, t0: float, t1: float, f0: int, f1: int) -> dict
     for name in ("atomic_descriptions", "expert_commentary"):
         if name in ann:
             out[name] = [_asdict(x) for x in ann[name] if t0 <= x.time < t1]
-    if "relations" in ann:
-        out["relations"] = {
-            obj: {view: {str(f): dataclasses.asdict(m) for f, m in frames.items() if f0 <= f < f1}
-                  for view, frames in views.items()}
-            for obj, views in ann["relations"].object_masks.items()}
-    for key in [k for k in ann if k.startswith("ego_pose_")]:
-        out[key] = {f: v for f, v in ann[key].items() if f0 <= int(f) < f1}
-    if "camera_pose" in ann:
-        cams = {}
-        for cam, entry in ann["camera_pose"].items():
-            if cam == "metadata" or not isinstance(entry, dict):
-                continue
-            ext = entry.get("camera_extrinsics")
-            if isinstance(ext, dict):   # moving (ego) camera: one pose per frame
-                entry = dict(entry, camera_extrinsics={f: m for f, m in ext.items() if f0 <= int(f) < f1})
-            cams[cam] = entry
-        out["camera_pose"] = cams
     return out
 
 
-def _sensor_slice(sensor, t0: float, t1: float) -> tuple[list[str], np.ndarray] | None:
+def _sensor_slice(sensor: dict[str, np.ndarray] | None, t0: float, t1: float) -> dict[str, np.ndarray] | None:
     if sensor is None:
         return None
-    columns, data = sensor
-    seconds = data[:, 0] / 1e6   # tracking_timestamp_us on the take's clock
-    return columns, data[(seconds >= t0) & (seconds < t1)]
+    seconds = next(iter(sensor.values())) / 1e6   # tracking_timestamp_us on the take's clock
+    rows = (seconds >= t0) & (seconds < t1)
+    return {name: column[rows] for name, column in sensor.items()}
 
 
-def _npy(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, array, allow_pickle=False)
-    return buf.getvalue()
+def _view_clips(release: Release, view: rec.View, windows: list[tuple[int, int]], config: ShardConfig, audio: bool):
+    """(clip, audio clip or None) of a view for each window, in order. Remux cuts them all in one
+    forward pass; transcode and frames decode each window (their audio is still remuxed, read
+    through a second handle so the two readers never move each other's position)."""
+    with release.open_file(view.path) as source:
+        if config.mode == "remux":
+            yield from video.cut_windows(source, windows, audio=audio)
+            return
+        with contextlib.ExitStack() as sound_file:
+            sounds = video.cut_windows(sound_file.enter_context(release.open_file(view.path)), windows,
+                                       audio=True) if audio else None
+            for f0, f1 in windows:
+                source.seek(0)    # each window opens the file anew
+                if config.mode == "transcode":
+                    clip = video.transcode(source, f0, f1, config.short_side, config.fps, config.gop)
+                else:
+                    clip = video.jpeg_frames(source, f0, f1, config.short_side, config.fps)
+                yield clip, next(sounds)[1] if sounds else None
 
 
 def build_samples(release: Release, src: TakeSource, config: ShardConfig) -> Iterator[tuple[str, list[tuple[str, bytes]], dict]]:
-    """Yield (key, members, row) per window; members are (extension, bytes) in a fixed order."""
+    """Yield (key, members, row) per window; members are (extension, bytes) in a fixed order.
+
+    Each view is opened once for the whole take and read forward through its windows."""
     take = src.take
-    for f0, f1 in window_frames(src.num_frames, config.window, config.stride, FPS):
-        t0, t1 = f0 / FPS, f1 / FPS
-        key = schema.sample_key(take.take_uid, f0)
-        members, views = [], {}
-        for name, view in src.views:
-            with release.open_file(view.path) as f:
+    windows = window_frames(src.num_frames, config.window, config.stride, FPS)
+    ego = next((name for name, view in src.views if view.is_ego), None)
+    with contextlib.ExitStack() as readers:    # closes every view's file when the take ends or fails
+        clips = {name: readers.enter_context(contextlib.closing(_view_clips(release, view, windows, config, name == ego)))
+                 for name, view in src.views}
+        for f0, f1 in windows:
+            t0, t1 = f0 / FPS, f1 / FPS
+            key = schema.sample_key(take.take_uid, f0)
+            members, views, sensors = [], {}, {}
+            for name, view in src.views:
                 try:
-                    if config.mode == "remux":
-                        clip = video.remux(f, f0, f1)
-                    elif config.mode == "transcode":
-                        clip = video.transcode(f, f0, f1, config.short_side, config.fps, config.gop)
-                    else:
-                        clip = video.jpeg_frames(f, f0, f1, config.short_side, config.fps)
+                    clip, sound = next(clips[name])
                 except video.VideoError as e:
                     raise BadTake(f"{view.key} window [{t0:.3f}, {t1:.3f}): {e}") from None
-            if config.mode == "frames":
-                media = {"members": [schema.frame_member(name, k) for k in range(len(clip.data))]}
-                members += list(zip(media["members"], clip.data))
-            else:
-                media = {"member": schema.video_member(name)}
-                members.append((media["member"], clip.data))
-            views[name] = schema.ViewMeta(
-                cam_id=view.cam_id, stream_id=view.stream_id, is_ego=view.is_ego, key=view.key, source=view.path,
-                width=clip.width, height=clip.height, source_frames=clip.source_frames,
-                media_start=clip.source_frames[0] / FPS, media_end=(clip.source_frames[-1] + 1) / FPS, **media)
-        sensors = {}
-        for sensor_name, sensor in (("trajectory", src.trajectory), ("gaze", src.gaze)):
-            part = _sensor_slice(sensor, t0, t1)
-            if part is not None:
-                columns, data = part
-                sensors[sensor_name] = schema.ArraySensor(schema.sensor_member(sensor_name), columns, len(data))
-                members.append((sensors[sensor_name].member, _npy(data)))
-        ego = next((v for n, v in src.views if n == "ego"), None)
-        if ego is not None:
-            with release.open_file(ego.path) as f:
-                audio, rate = video.decode_audio(f, t0, t1)
-            if audio.size:
-                # float16 halves the bytes; its 11-bit mantissa is beyond what the AAC source holds.
-                sensors["audio"] = schema.AudioSensor(schema.sensor_member("audio"), rate=rate,
-                                                      channels=audio.shape[0], start=t0, dtype="float16")
-                members.append((sensors["audio"].member, _npy(audio.astype(np.float16))))
-        meta = schema.SampleMeta(
-            key=key,
-            take=schema.TakeInfo(take_uid=take.take_uid, take_name=take.take_name, scenario=take.scenario,
-                                 task_name=take.task_name, parent_task_id=take.parent_task_id, split=src.split,
-                                 best_exo=take.best_exo, num_frames=src.num_frames, fps=FPS),
-            window=schema.Window(t0=t0, t1=t1, start_frame=f0, end_frame=f1),
-            mode=config.mode, views=views, sensors=sensors,
-            annotations=slice_annotations(src.annotations, t0, t1, f0, f1))
-        members.insert(0, (schema.JSON_MEMBER, meta.encode()))
-        row = {"key": key, "take_uid": take.take_uid, "split": src.split, "t0": t0, "t1": t1,
-               "views": sorted(views)}
-        yield key, members, row
+                if config.mode == "frames":
+                    media = {"members": [schema.frame_member(name, k) for k in range(len(clip.data))]}
+                    members += list(zip(media["members"], clip.data))
+                else:
+                    media = {"member": schema.video_member(name)}
+                    members.append((media["member"], clip.data))
+                views[name] = schema.ViewMeta(
+                    cam_id=view.cam_id, stream_id=view.stream_id, is_ego=view.is_ego, key=view.key, source=view.path,
+                    width=clip.width, height=clip.height, source_frames=clip.source_frames,
+                    media_start=clip.source_frames[0] / FPS, media_end=(clip.source_frames[-1] + 1) / FPS, **media)
+                if sound is not None:
+                    sensors["audio"] = schema.AudioSensor(
+                        schema.AUDIO_MEMBER, codec=sound.codec, rate=sound.rate, channels=sound.channels, start=t0,
+                        samples=round((t1 - t0) * sound.rate))
+                    members.append((schema.AUDIO_MEMBER, sound.data))
+            for sensor_name, sensor in (("trajectory", src.trajectory), ("gaze", src.gaze)):
+                part = _sensor_slice(sensor, t0, t1)
+                if part is not None:
+                    sensors[sensor_name] = schema.ArraySensor(schema.sensor_member(sensor_name), list(part),
+                                                              len(next(iter(part.values()))))
+                    members.append((sensors[sensor_name].member, dense.npz_bytes(part)))
+            arrays = {}
+            for member, data, description in src.dense.window(f0, f1):
+                arrays[member.removesuffix(".npz")] = description
+                members.append((member, data))
+            meta = schema.SampleMeta(
+                key=key,
+                take=schema.TakeInfo(take_uid=take.take_uid, take_name=take.take_name, scenario=take.scenario,
+                                     task_name=take.task_name, parent_task_id=take.parent_task_id, split=src.split,
+                                     best_exo=take.best_exo, num_frames=src.num_frames, fps=FPS),
+                window=schema.Window(t0=t0, t1=t1, start_frame=f0, end_frame=f1),
+                mode=config.mode, views=views, sensors=sensors,
+                annotations=slice_annotations(src.annotations, t0, t1), arrays=arrays)
+            members.insert(0, (schema.JSON_MEMBER, meta.encode()))
+            row = {"key": key, "take_uid": take.take_uid, "split": src.split, "t0": t0, "t1": t1,
+                   "views": sorted(views)}
+            yield key, members, row

@@ -1,19 +1,25 @@
-"""The shard sample layout, version 1: what one sample's JSON holds and how its members are named.
+"""The shard sample layout, version 2: what one sample's JSON holds and how its members are named.
 
 One sample is one time window of one take with every selected view. Its tar members, named
 ``<key>.<member>``:
   json                  the sample's meta (``SampleMeta``), with its layout ``version``
-  <view>.mp4            remux and transcode modes: the view's clip
+  <view>.mp4            remux and transcode modes: the view's clip; any FFmpeg-based reader
+                        decodes exactly the window's frames (remux: an edit list skips the
+                        pre-roll from the keyframe before the window and the reference frames
+                        after it)
   <view>.NNNN.jpg       frames mode: one JPEG per kept frame, NNNN counting from 0000
-  trajectory.npy        sensor slices: float64 [rows, columns], timestamps (us) first
-  gaze.npy
-  audio.npy             the ego audio: float16 [channels, samples]
+  trajectory.npz        sensor slices: one array per numeric column of the release's CSV
+  gaze.npz              (integer timestamps int64, the rest float32)
+  audio.m4a             the ego audio: its AAC packets copied, an edit list trimming them to the window
+  <family>.npz          dense annotations (``engine.shards.dense``): keypoints, camera poses,
+                        object masks as numeric arrays, NaN where missing; ``arrays`` in the
+                        meta says what each array's axes are
 
-The shard writer builds a ``SampleMeta`` and stores ``to_json()``; every reader goes through
+Every member reads with numpy (``allow_pickle=False``), json or an FFmpeg-based reader alone.
+The shard writer builds a ``SampleMeta`` and stores ``encode()``; every reader goes through
 ``SampleMeta.from_json`` (or ``read_meta``), which refuses, naming the sample, a version it
-does not know or a field missing. A change to the layout is a new ``VERSION``, with the
-readers of the old one kept or refused on purpose. Samples written before the version field
-existed have no ``version`` and otherwise exactly the version 1 layout: they read as 1.
+does not know or a field missing. A change to the layout is a new ``VERSION``. Version 1 (clips
+with pre-roll, annotations as JSON text, PCM audio) is refused with the fix: shard again.
 """
 from __future__ import annotations
 
@@ -23,8 +29,8 @@ from typing import Any
 
 from engine.errors import ContentError
 
-VERSION = 1
-READABLE_VERSIONS = (1,)
+VERSION = 2
+READABLE_VERSIONS = (2,)
 JSON_MEMBER = "json"
 
 
@@ -50,8 +56,11 @@ def frame_member(view: str, index: int) -> str:
 
 
 def sensor_member(sensor: str) -> str:
-    """The member holding a sensor slice: ``trajectory.npy``, ``gaze.npy``, ``audio.npy``."""
-    return f"{sensor}.npy"
+    """The member holding a sensor slice: ``trajectory.npz``, ``gaze.npz``."""
+    return f"{sensor}.npz"
+
+
+AUDIO_MEMBER = "audio.m4a"
 
 
 # ----------------------------------------------------------------------------- records
@@ -146,7 +155,9 @@ class ViewMeta(_Part):
 
 @dataclasses.dataclass(frozen=True)
 class ArraySensor(_Part):
-    """A sensor table's slice (trajectory, gaze): ``member`` holds float64 [rows, len(columns)]."""
+    """A sensor table's slice (trajectory, gaze): ``member`` holds one array [rows] per numeric
+    column of the release's CSV, named as there: integer columns (timestamps; the first is the
+    device's, in microseconds) int64, the others float32."""
     member: str
     columns: list[str]
     rows: int
@@ -154,12 +165,14 @@ class ArraySensor(_Part):
 
 @dataclasses.dataclass(frozen=True)
 class AudioSensor(_Part):
-    """The ego audio's slice: ``member`` holds [channels, samples] of ``dtype`` from time ``start``."""
+    """The ego audio's slice: ``member`` is an audio-only mp4 of the source's packets (``codec``)
+    that decodes to ``samples`` samples per channel from the window's start (``start`` s)."""
     member: str
+    codec: str
     rate: int
     channels: int
     start: float
-    dtype: str
+    samples: int
 
 
 Sensor = ArraySensor | AudioSensor
@@ -168,8 +181,8 @@ SENSORS: dict[str, type] = {"trajectory": ArraySensor, "gaze": ArraySensor, "aud
 
 @dataclasses.dataclass(frozen=True)
 class SampleMeta:
-    """The JSON of one sample. ``annotations`` stays in the release's own terms (benchmark name
-    -> what of it falls in the window), as plain JSON."""
+    """The JSON of one sample. ``annotations`` holds the sparse annotations in the release's own
+    terms (benchmark name -> what of it falls in the window); the dense ones are in ``arrays``."""
     key: str
     take: TakeInfo
     window: Window
@@ -177,6 +190,7 @@ class SampleMeta:
     views: dict[str, ViewMeta]     # by member name: ``ego``, exo views by cam_id
     sensors: dict[str, Sensor]     # by name: trajectory, gaze, audio (those present)
     annotations: dict[str, Any]
+    arrays: dict[str, Any]         # dense annotation family -> its member and arrays (engine.shards.dense)
     version: int = VERSION
 
     def to_json(self) -> dict:
@@ -184,7 +198,7 @@ class SampleMeta:
                 "window": self.window.to_json(), "mode": self.mode,
                 "views": {name: view.to_json() for name, view in self.views.items()},
                 "sensors": {name: sensor.to_json() for name, sensor in self.sensors.items()},
-                "annotations": self.annotations}
+                "annotations": self.annotations, "arrays": self.arrays}
 
     def encode(self) -> bytes:
         """The ``json`` member's bytes."""
@@ -200,8 +214,8 @@ class SampleMeta:
         version = data.get("version", 1)   # written before the field existed: the version 1 layout
         if type(version) is not int or version not in READABLE_VERSIONS:
             raise SchemaError(f"sample {key}: layout version {version!r} is not one this reader knows "
-                              f"({', '.join(map(str, READABLE_VERSIONS))}); read it with a matching engine "
-                              f"or write the shards again")
+                              f"({', '.join(map(str, READABLE_VERSIONS))}); write the shards again with this "
+                              f"engine (ee4d shard, or rerun the graph: the shard stage's version changed)")
         fields = _fields(cls, {"version": version, **data}, "meta", key)
         views, sensors = fields["views"], fields["sensors"]
         if not isinstance(views, dict) or not isinstance(sensors, dict):
@@ -209,14 +223,14 @@ class SampleMeta:
         unknown = sorted(set(sensors) - set(SENSORS))
         if unknown:
             raise SchemaError(f"sample {key}: unknown sensor{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}")
-        if not isinstance(fields["annotations"], dict):
-            raise SchemaError(f"sample {key}: annotations must be an object")
+        if not isinstance(fields["annotations"], dict) or not isinstance(fields["arrays"], dict):
+            raise SchemaError(f"sample {key}: annotations and arrays must be objects")
         return cls(
             key=fields["key"], take=TakeInfo.from_json(fields["take"], key),
             window=Window.from_json(fields["window"], key), mode=fields["mode"],
             views={name: ViewMeta.from_json(v, key, f"views.{name}") for name, v in views.items()},
             sensors={name: SENSORS[name].from_json(s, key, f"sensors.{name}") for name, s in sensors.items()},
-            annotations=fields["annotations"], version=version)
+            annotations=fields["annotations"], arrays=fields["arrays"], version=version)
 
 
 def read_meta(value: Any) -> SampleMeta:

@@ -5,6 +5,7 @@
 - naive: one process, one take view after another: PyAV decodes the release's 448 file, the
   same model embeds the same windows in the same batch size (``job.features_from_release``);
 - decode only: the pipeline's CPU stage (``job.shard_windows``) over every shard, no model;
+- release decode: the same windows decoded straight from the release's files, no model;
 - model only: the model stage (``job.Embedder``) on random uint8 windows of the same shape.
 
 Each is run --repeats times; medians are printed with the pipeline/naive ratio.
@@ -27,8 +28,9 @@ from pathlib import Path
 import numpy as np
 import ray
 
-from engine import storage
+from engine import storage, video
 from engine.features import job
+from engine.features.windows import assemble, feature_windows, release_frames
 from engine.miniature import synth
 from engine.release import Release
 from engine.shards import job as shard_job
@@ -81,6 +83,17 @@ def main() -> None:
                                                                      config.stride, config.fps, config.views)
                    if not row["error"])
 
+    def release_decode_only() -> int:
+        # The same windows decoded straight from the release's files, one pass per file, no model.
+        count = 0
+        for _, view in views:
+            with release.open_file(view.path) as f:
+                info = video.probe(f, check_tail=False)
+            wins = feature_windows(spec, info.frames, config.window, config.stride, config.fps)
+            frames = release_frames(release, view, info, {f for w in wins for f in w.picks}, spec.size)
+            count += sum(1 for _ in assemble(wins, frames, spec.size))
+        return count
+
     def model_only() -> int:
         embedder = job.Embedder(spec.to_json())
         batch = np.random.default_rng(0).integers(0, 255, (args.batch_size, spec.frames, spec.size, spec.size, 3),
@@ -93,7 +106,7 @@ def main() -> None:
     results: dict[str, list[float]] = {}
     for _ in range(args.repeats):
         for name, fn in (("pipeline", pipeline), ("naive", naive), ("decode only", decode_only),
-                         ("model only", model_only)):
+                         ("release decode", release_decode_only), ("model only", model_only)):
             seconds, n = timed(fn)
             results.setdefault(name, []).append(n / seconds)
             print(f"  {name}: {n} windows in {seconds:.2f} s", flush=True)
@@ -101,9 +114,11 @@ def main() -> None:
     print(f"\n{args.model}, batch {args.batch_size}, {len(views)} take views, {cpus} CPUs, "
           f"median of {args.repeats}:")
     for name, rates in results.items():
-        print(f"  {name:12s} {statistics.median(rates):8.1f} windows/s")
+        print(f"  {name:14s} {statistics.median(rates):8.1f} windows/s")
     ratio = statistics.median(results["pipeline"]) / statistics.median(results["naive"])
     print(f"  pipeline / naive: {ratio:.2f}x")
+    decode = statistics.median(results["decode only"]) / statistics.median(results["release decode"])
+    print(f"  decoding from shards / from the release: {decode:.2f}x")
     ray.shutdown()
     shutil.rmtree(work)
 

@@ -78,9 +78,17 @@ def _rate(stream) -> Fraction:
     return stream.average_rate or stream.guessed_rate
 
 
+def frame_indexer(stream):
+    """A function from a timestamp of ``stream`` to the index of its frame on the video's own
+    timeline (0 = first frame). Float arithmetic, exact to far less than a frame; Fractions cost
+    microseconds per call, and a pass over a video calls it for every packet."""
+    start, scale = stream.start_time or 0, float(stream.time_base * _rate(stream))
+    return lambda pts: round((pts - start) * scale)
+
+
 def frame_index_of_pts(pts: int, stream) -> int:
     """Index of the frame with timestamp ``pts`` on the video's own timeline (0 = first frame)."""
-    return int(round(float((pts - (stream.start_time or 0)) * stream.time_base * _rate(stream))))
+    return frame_indexer(stream)(pts)
 
 
 def frame_index(frame: av.VideoFrame, stream) -> int:
@@ -367,12 +375,8 @@ def cut_windows(source, windows: list[tuple[int, int]], audio: bool = False) -> 
         audio_stream = container.streams.audio[0] if audio and container.streams.audio else None
         fps = _rate(video_stream)
         video_tb = video_stream.time_base
-        # Float arithmetic, exact to far less than a frame: Fractions cost microseconds per packet.
-        frame_scale, video_start = float(video_tb * fps), video_stream.start_time or 0
+        frame = frame_indexer(video_stream)
         audio_tb = float(audio_stream.time_base) if audio_stream is not None else 0.0
-
-        def frame(ts: int) -> int:
-            return round((ts - video_start) * frame_scale)
 
         pending = list(windows)
         gop: list[_Packet] = []        # video packets from the latest keyframe the next window may start at
@@ -392,7 +396,7 @@ def cut_windows(source, windows: list[tuple[int, int]], audio: bool = False) -> 
             while frame(packets[-1].pts) >= end_frame:
                 packets.pop()
             duration = Fraction(end_frame - start_frame) / fps
-            start_pts = int(video_start + start_frame / fps / video_tb)
+            start_pts = int((video_stream.start_time or 0) + start_frame / fps / video_tb)
             clip = Clip(_mux(video_stream, packets, start_pts, video_tb, duration),
                         list(range(start_frame, end_frame)), video_stream.codec_context.width,
                         video_stream.codec_context.height)

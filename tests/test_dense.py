@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from pycocotools import mask as coco_mask
 
-from engine.release import Release
+from engine.release import Release, masks
 from engine.shards import dense
 from engine.shards.sample import _take_annotations
 
@@ -153,8 +153,8 @@ def test_masks_decode_exactly(takes, size):
                 assert np.array_equal(m.decode(), expected)
                 assert np.array_equal(dense.mask(rel, description, obj, view, frame), expected)
                 count += 1
-                inverse = dense.mask_runs(~expected)   # starts with a set pixel: an empty first run of zeros
-                assert inverse[0] == 0 and np.array_equal(dense.runs_to_mask(inverse, *expected.shape), ~expected)
+                inverse = masks.mask_runs(~expected)   # starts with a set pixel: an empty first run of zeros
+                assert inverse[0] == 0 and np.array_equal(masks.runs_to_mask(inverse, *expected.shape), ~expected)
             assert len(rel["unmasked_frames"]) == 0   # the miniature annotates a mask at every annotated frame
     assert count > 0
 

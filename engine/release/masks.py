@@ -95,11 +95,25 @@ def decode_runs(encoded: str, height: int, width: int) -> np.ndarray:
     return runs
 
 
+def runs_to_mask(runs: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Binary mask [height, width] (bool) of run lengths over the column-major pixels, zeros first."""
+    values = np.arange(len(runs)) % 2 == 1
+    return np.repeat(values, runs.astype(np.int64)).reshape(width, height).T
+
+
+def mask_runs(mask: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`runs_to_mask` (uint32 runs; the first is 0 when the first pixel is set)."""
+    flat = np.asarray(mask, bool).ravel(order="F")
+    changes = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    runs = np.diff(np.concatenate([[0], changes, [flat.size]]))
+    if flat.size and flat[0]:
+        runs = np.concatenate([[0], runs])
+    return runs.astype(np.uint32)
+
+
 def decode_mask(encoded: str, height: int, width: int) -> np.ndarray:
     """Binary mask [height, width] (uint8) of an ``encodedMask`` string."""
-    runs = decode_runs(encoded, height, width)
-    values = np.arange(len(runs)) % 2
-    return np.repeat(values.astype(np.uint8), runs).reshape(width, height).T
+    return runs_to_mask(decode_runs(encoded, height, width), height, width).astype(np.uint8)
 
 
 def encode_mask(mask: np.ndarray) -> str:

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 from engine import video
-from engine.shards import schema
+from engine.shards import dense, schema
 
 
 def sample_times(meta: schema.SampleMeta | dict | bytes, num_frames: int | None = None,
@@ -81,14 +81,9 @@ def decode_sample(sample: dict, views: Iterable[str] | None = None, num_frames: 
         if isinstance(info, schema.AudioSensor):
             out[sensor] = read_audio(sample[info.member], info)
         else:
-            out[sensor] = _arrays(sample[info.member])
-    out["arrays"] = {family: _arrays(sample[d["member"]]) for family, d in meta.arrays.items()}
+            out[sensor] = dense.load_npz(sample[info.member])
+    out["arrays"] = dense.read_window(sample, meta.arrays)   # each array checked against its description
     return out
-
-
-def _arrays(data: bytes) -> dict[str, np.ndarray]:
-    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-        return dict(npz.items())
 
 
 def read_audio(data: bytes, info: schema.AudioSensor) -> np.ndarray:

@@ -48,7 +48,7 @@ import io
 import numpy as np
 
 from engine.release.catalog import BODY_JOINTS, HAND_JOINTS
-from engine.release.masks import decode_runs
+from engine.release.masks import decode_runs, runs_to_mask
 from engine.release.records import RelationsTake
 
 POSE_FAMILIES = ("ego_pose_body_annotation", "ego_pose_body_automatic", "ego_pose_hand_annotation", "ego_pose_hand_automatic")
@@ -75,7 +75,8 @@ def _describe(family: str, arrays: dict[str, np.ndarray], axes: dict[str, list[s
     return {"member": member_name(family), "family": family, "arrays": arrays_json, **names}
 
 
-def _load(data: bytes) -> dict[str, np.ndarray]:
+def load_npz(data: bytes) -> dict[str, np.ndarray]:
+    """Every array of an ``.npz`` member (no pickles)."""
     with np.load(io.BytesIO(data), allow_pickle=False) as npz:
         return {name: npz[name] for name in npz.files}
 
@@ -90,7 +91,7 @@ def read_window(members: dict[str, bytes], descriptions: dict) -> dict[str, dict
         data = members.get(description["member"])
         if data is None:
             continue
-        arrays = _load(data)
+        arrays = load_npz(data)
         for name, spec in description["arrays"].items():
             if name not in arrays:
                 raise ValueError(f"{description['member']}: array {name!r} is described but missing")
@@ -294,21 +295,6 @@ def ego_extrinsics(arrays: dict[str, np.ndarray], description: dict, camera: str
 _RELATIONS_AXES = {"runs": ["run"], "offsets": ["mask + 1"], "frames": ["mask"], "object": ["mask"], "camera": ["mask"],
                    "height": ["mask"], "width": ["mask"], "unmasked_frames": ["entry"], "unmasked_object": ["entry"],
                    "unmasked_camera": ["entry"]}
-
-
-def mask_runs(mask: np.ndarray) -> np.ndarray:
-    """Uncompressed COCO RLE of a binary mask: run lengths over the column-major pixels, zeros first."""
-    flat = np.asarray(mask, bool).ravel(order="F")
-    changes = np.flatnonzero(flat[1:] != flat[:-1]) + 1
-    runs = np.diff(np.concatenate([[0], changes, [flat.size]]))
-    if flat.size and flat[0]:
-        runs = np.concatenate([[0], runs])
-    return runs.astype(np.uint32)
-
-
-def runs_to_mask(runs: np.ndarray, height: int, width: int) -> np.ndarray:
-    values = np.arange(len(runs)) % 2 == 1
-    return np.repeat(values, runs.astype(np.int64)).reshape(width, height).T
 
 
 @dataclasses.dataclass

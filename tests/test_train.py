@@ -140,10 +140,18 @@ def test_a_run_killed_after_its_first_checkpoint_resumes_from_it(learn_features,
            "--epochs", "30", "--patience", "30"]
     driver = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     # Ray Train has registered a checkpoint once its snapshot lists one (the checkpoint's folder
-    # is written just before).
+    # is written just before). Ray Train writes the snapshot in place: it counts once it parses,
+    # or the kill could land mid-write and leave an empty file Ray Train itself cannot read.
     snapshot = out / "ray" / "run" / "checkpoint_manager_snapshot.json"
+
+    def registered() -> bool:
+        try:
+            return bool(json.loads(snapshot.read_text()))
+        except (OSError, ValueError):
+            return False
+
     deadline = time.time() + 240
-    while not snapshot.exists() and time.time() < deadline and driver.poll() is None:
+    while not registered() and time.time() < deadline and driver.poll() is None:
         time.sleep(0.05)
     os.killpg(driver.pid, signal.SIGKILL)   # the driver and the Ray processes it started
     driver.wait()

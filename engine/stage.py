@@ -30,8 +30,8 @@ from engine import storage
 
 RECORD = "stage.json"
 # Modules that register the built-in kinds and benchmarks, in run order.
-BUILTIN = ("engine.release.stage", "engine.release.validate", "engine.shards.job", "engine.features.job",
-           "engine.train.stage", "engine.graph.report")
+BUILTIN = ("engine.release.stage", "engine.release.validate", "engine.shards.job", "engine.pretrain.stage",
+           "engine.features.job", "engine.train.stage", "engine.graph.report")
 PLUGINS_ENV = "EE4D_PLUGINS"
 
 
@@ -73,6 +73,7 @@ class StageKind:
     run: Callable[[Any, dict[str, str], str, Context], dict]   # (settings, input URLs, out, ctx) -> result
     inputs: tuple[str, ...] = ()          # kinds it reads; all must be in the graph
     optional_inputs: tuple[str, ...] = ()  # kinds it reads when the graph has them
+    inputs_for: Callable[[Any], tuple[str, ...]] = lambda params: ()   # kinds these settings need too
     version: int = 1                      # bump when the output format changes: old outputs stop matching
     section: str = ""                     # its key in a job spec (default: the name)
     folder: str = ""                      # under the run's output (default: the name)
@@ -226,7 +227,7 @@ def run_one(kind_name: str, params, inputs: dict[str, str], out: str, *, variant
     """Run one stage outside a graph: inputs are URLs by kind; returns its record."""
     stage_kind = kind(kind_name)
     inputs, out = {k: storage.absolute(url) for k, url in inputs.items()}, storage.absolute(out)
-    missing = [k for k in stage_kind.inputs if k not in inputs]
+    missing = [k for k in stage_kind.inputs + stage_kind.inputs_for(params) if k not in inputs]
     if missing:
         raise ValueError(f"{kind_name}: needs input {', '.join(missing)}")
     input_fps = {k: input_fingerprint(k, url, storage_options) for k, url in inputs.items()}

@@ -20,9 +20,10 @@ import torch
 from engine.graph import spec as specs
 
 REPO = Path(__file__).resolve().parents[1]
-# The demo spec, shrunk: 10 takes of 4 s hold val examples for every benchmark.
+# The demo spec, shrunk: 10 takes of 4 s hold val examples for every benchmark; 4 pretraining steps.
 SMALL = ["release.synth.preset=tiny", "release.synth.takes=10", "release.synth.seconds=4"] + [
-    f"tasks.{t}.epochs=4" for t in ("keystep_recognition", "demonstrator_proficiency", "demonstration_proficiency")]
+    f"tasks.{t}.epochs=4" for t in ("keystep_recognition", "demonstrator_proficiency", "demonstration_proficiency")] + [
+    "pretrain.steps=4"]
 
 
 def ee4d(*args, check=True, **kwargs) -> subprocess.CompletedProcess:
@@ -105,7 +106,8 @@ def test_the_demo_spec_runs_end_to_end_and_reports_every_benchmark(demo_run):
             # Links are relative to the run folder and lead to the files.
             assert f"href='{folder.relative_to(demo_run)}/submission_val.json'" in report
     assert len(reported_metrics(demo_run)) == 3
-    assert report.count("data:image/png;base64,") == 2      # training curves and the strip of frames
+    assert report.count("data:image/png;base64,") == 3      # pretraining and training curves, the strip of frames
+    assert "<h2>Pretraining</h2>" in report and "ego&rarr;exo top-1" in report
     assert "frame" in report and "body keypoints" in report
     for record in json.loads((demo_run / "run.json").read_text())["stages"]:
         assert json.loads((Path(record["output"]) / "stage.json").read_text())["status"] == "done"
@@ -152,6 +154,16 @@ def test_notebooks_execute_on_the_demo_run(demo_run, notebook, monkeypatch):
 def test_a_malformed_spec_fails_at_once_naming_the_key(tmp_path, override, message):
     proc = ee4d("run", "jobs/demo.yaml", "--out", str(tmp_path / "never"), "--set", override, check=False)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert not (tmp_path / "never").exists()
+
+
+def test_features_of_the_graphs_own_pretrained_encoder_need_its_pretrain_stage(tmp_path):
+    plan = ee4d("run", "jobs/demo.yaml", "--out", str(tmp_path / "never"), "--dry-run",
+                "--set", "features.model=pretrained").stdout
+    assert re.search(r"\nfeatures: run .*\n.*\n.*\n  inputs +pretrain, shard\n", plan), plan
+    proc = ee4d("run", "jobs/demo.yaml", "--out", str(tmp_path / "never"), "--set", "features.model=pretrained",
+                "--set", "pretrain=false", check=False)
+    assert proc.returncode == 2 and "features: needs a pretrain section" in proc.stderr, proc.stderr
     assert not (tmp_path / "never").exists()
 
 

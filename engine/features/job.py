@@ -48,12 +48,15 @@ from engine.features.windows import (
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 SPLITS = ("train", "val", "test")
 WRITE_THREADS = 8
+# The model name that means "the encoder this graph's pretrain stage trains".
+GRAPH_PRETRAINED = "pretrained"
 
 
 @dataclasses.dataclass(frozen=True)
 class FeatureConfig(P.Params):
     model: str = P.setting("tiny_video", "tiny_video, tiny_image, torchscript:PATH, export:PATH, torchvision:NAME, "
-                                         "timm:NAME or package.module:factory")
+                                         "timm:NAME, package.module:factory, pretrained:RUN, or in a graph "
+                                         "pretrained (the encoder of the graph's pretrain stage)")
     # The weights' sha256, not their path, is what the fingerprint covers (``identity``).
     weights: str | None = P.setting(None, "weights (a state_dict): a path or an fsspec URL such as s3://..., read "
                                           "by the node that runs the model; nothing is downloaded from a hub",
@@ -102,7 +105,10 @@ class FeatureConfig(P.Params):
 
     def identity(self) -> dict:
         """What fixes the numbers in the output: the resolved model and its weights' digest,
-        windows, precision, views, splits (not where the weights are, batch size or actor counts)."""
+        windows, precision, views, splits (not where the weights are, batch size or actor counts).
+        The graph's pretrained encoder is fixed by the pretrain stage's fingerprint, an input."""
+        if self.model == GRAPH_PRETRAINED:
+            return super().identity()
         spec = {k: v for k, v in self.spec.to_json().items() if k not in ("weights", "sha256")}
         return {**super().identity(), "spec": spec, "weights_sha256": self.digest}
 
@@ -300,6 +306,8 @@ def _run(config: FeatureConfig, inputs: dict, out_url: str, ctx: stages.Context)
     import ray
 
     log, storage_options, shards_url = ctx.log, ctx.storage_options, inputs["shard"]
+    if config.model == GRAPH_PRETRAINED:
+        config = dataclasses.replace(config, model=f"pretrained:{inputs['pretrain']}")
     started = time.time()
     fs, shards = storage.filesystem(shards_url, storage_options)
     shard_stage = stages.finished(shards_url, "shard", storage_options)["result"]
@@ -397,7 +405,8 @@ def _resources(config: FeatureConfig) -> str:
 
 KIND = stages.register(stages.StageKind(
     name="features", params=FeatureConfig, run=_run, inputs=("shard",), needs_ray=True, rejects=_rejects,
-    check=lambda config: config.digest, resources=_resources,
+    check=lambda config: config.model == GRAPH_PRETRAINED or config.digest, resources=_resources,
+    inputs_for=lambda config: ("pretrain",) if config.model == GRAPH_PRETRAINED else (),
     help="one feature tensor per take and view, in the official layout (GPU actor pools when present)",
     command=stages.Command("features", "compute features from shards (Ray Data; GPU actors when present)",
                            summary=_summary)))

@@ -7,6 +7,8 @@ Names:
                               dynamic batch dimension (the last batch of a run is smaller)
   torchvision:NAME, timm:NAME architectures from those libraries when installed; weights from --weights
   package.module:factory      a user factory returning an nn.Module; weights from --weights (a state_dict)
+  pretrained:RUN              the encoder an ``ee4d pretrain`` run wrote to RUN (its encoder.json names
+                              the architecture, frames and size; encoder.pt holds the weights)
 
 PATH and the weights are local paths or fsspec URLs (``s3://bucket/models/encoder.pt``): the
 actor that runs the model reads them on its own node, so a cluster's driver needs no copy. With
@@ -55,6 +57,8 @@ class ModelSpec:
 
 # name -> (kind, frames, size): the built-ins' own input; small enough for a laptop CPU.
 BUILTINS = {"tiny_video": ("video", 8, 64), "tiny_image": ("image", 1, 64)}
+# What a pretraining run leaves for ``pretrained:RUN``.
+PRETRAINED_SPEC, PRETRAINED_WEIGHTS = "encoder.json", "encoder.pt"
 
 
 def resolve(name: str, weights: str | None = None, kind: str | None = None, frames: int | None = None,
@@ -64,7 +68,15 @@ def resolve(name: str, weights: str | None = None, kind: str | None = None, fram
     here, not on a worker an hour later."""
     if weights is not None:
         _check_exists(weights, "weights file")
-    if name in BUILTINS:
+    if name.startswith("pretrained:"):
+        if weights is not None:
+            raise ModelError(f"{name}: the run's {PRETRAINED_WEIGHTS} are its weights; give no --weights")
+        run = name.partition(":")[2].rstrip("/")
+        desc = pretrained_spec(run)
+        weights = f"{run}/{PRETRAINED_WEIGHTS}"
+        _check_exists(weights, "pretrained weights")
+        kind, frames, size = kind or desc["kind"], frames or desc["frames"], size or desc["size"]
+    elif name in BUILTINS:
         b_kind, b_frames, b_size = BUILTINS[name]
         kind, frames, size = kind or b_kind, frames or b_frames, size or b_size
     else:
@@ -92,6 +104,23 @@ def resolve(name: str, weights: str | None = None, kind: str | None = None, fram
     if sha256 is not None and not (len(sha256) == 64 and all(c in "0123456789abcdef" for c in sha256)):
         raise ModelError(f"weights sha256 must be 64 lowercase hex digits, got {sha256!r}")
     return ModelSpec(name, kind, frames if kind == "video" else 1, size, weights, sha256)
+
+
+def pretrained_spec(run: str) -> dict:
+    """What a pretraining run at ``run`` says about its encoder (``encoder.json``)."""
+    import json
+    try:
+        return json.loads(_read(f"{run.rstrip('/')}/{PRETRAINED_SPEC}"))
+    except FileNotFoundError:
+        raise ModelError(f"pretrained:{run}: no {PRETRAINED_SPEC} there; is it the output of a finished "
+                         "ee4d pretrain run?") from None
+
+
+def architecture_name(name: str) -> str:
+    """The architecture behind a model name: for ``pretrained:RUN``, the one that run trained."""
+    while name.startswith("pretrained:"):
+        name = pretrained_spec(name.partition(":")[2])["model"]
+    return name
 
 
 def _is_url(path: str) -> bool:
@@ -153,27 +182,34 @@ def weights_digest(spec: ModelSpec) -> str:
     return hashlib.sha256(_checked(spec, data, path)).hexdigest()
 
 
+def architecture(name: str):
+    """The untrained module a name stands for (built-ins, torchvision, timm, factories)."""
+    from engine.features.tiny import tiny
+
+    scheme, _, rest = name.partition(":")
+    if name in BUILTINS:
+        return tiny(BUILTINS[name][0])
+    if scheme == "torchvision":
+        import torchvision
+        return torchvision.models.get_model(rest, weights=None)
+    if scheme == "timm":
+        import timm
+        return timm.create_model(rest, pretrained=False, num_classes=0)
+    if scheme in ("torchscript", "export", "pretrained"):
+        raise ModelError(f"{name}: not an architecture to build")
+    return getattr(importlib.import_module(scheme), rest)()
+
+
 def build(spec: ModelSpec):
     """The model as an eval-mode nn.Module on CPU."""
     import torch
 
-    from engine.features.tiny import tiny
-
     scheme, _, rest = spec.name.partition(":")
-    if spec.name in BUILTINS:
-        model = tiny(spec.kind)
-    elif scheme == "torchscript":
+    if scheme == "torchscript":
         return torch.jit.load(io.BytesIO(_checked(spec, _read(rest), rest)), map_location="cpu").eval()
-    elif scheme == "export":
+    if scheme == "export":
         return torch.export.load(io.BytesIO(_checked(spec, _read(rest), rest))).module()
-    elif scheme == "torchvision":
-        import torchvision
-        model = torchvision.models.get_model(rest, weights=None)
-    elif scheme == "timm":
-        import timm
-        model = timm.create_model(rest, pretrained=False, num_classes=0)
-    else:
-        model = getattr(importlib.import_module(scheme), rest)()
+    model = architecture(architecture_name(spec.name))
     if spec.weights:
         data = _checked(spec, _read(spec.weights), spec.weights)
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)

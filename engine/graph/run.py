@@ -41,7 +41,8 @@ def plan(spec: Spec, out: str | None = None, storage_options: dict | None = None
             if kind.uses_all_stages:
                 inputs = {s.name: s.name for s in planned}
             else:
-                inputs = {k: by_kind[k].name for k in kind.inputs + kind.optional_inputs if k in by_kind}
+                wanted = kind.inputs + kind.inputs_for(params) + kind.optional_inputs
+                inputs = {k: by_kind[k].name for k in wanted if k in by_kind}
             named = {s.name: s for s in planned}
             fingerprints = {k: named[n].fingerprint for k, n in inputs.items()}
             given = kind.given_url(params) and storage.absolute(kind.given_url(params))

@@ -115,12 +115,16 @@ def parse(raw: dict, where: str = "spec", local: bool = True) -> Spec:
         else:
             parsed[key] = P.build(kind.params, raw[key], at)
     for key, kind in by_key.items():
-        missing = [i for i in kind.inputs if by_key_of(i) not in parsed]
-        if key in parsed and missing:
+        if key not in parsed:
+            continue
+        every = list(parsed[key].values()) if kind.variants else [parsed[key]]
+        needed = kind.inputs + tuple(i for params in every for i in kind.inputs_for(params))
+        missing = [i for i in needed if by_key_of(i) not in parsed]
+        if missing:
             raise SpecError(f"{where}: {key}: needs a {by_key_of(missing[0])} section "
                             f"({kind.name} reads {missing[0]})")
-        if key in parsed and local and kind.check:
-            for params in (parsed[key].values() if kind.variants else [parsed[key]]):
+        if local and kind.check:
+            for params in every:
                 try:
                     kind.check(params)      # e.g. a model's weights file: fail before any stage runs
                 except ValueError as e:

@@ -10,7 +10,9 @@ Outputs under OUT:
   <split>/<split>-NNNNNN.tar          samples, a sample's members adjacent
   <split>/<split>-NNNNNN.stats.json   samples, bytes, seconds, takes, failures, per-sample rows
   <split>/index.json                  wids-shard-index-v1 for random access
-  manifest.parquet                    one row per sample (key, take_uid, split, t0, t1, shard, views, sha256)
+  manifest.parquet                    one row per sample (key, take_uid, split, t0, t1, shard, views, sha256,
+                                      bytes, and offset/size: where its members lie in the tar, so a
+                                      reader fetches one sample with one range read)
   rejects.json                        take_uid, split and reason of every take left out
   stage.json                          the stage record (engine.stage): claimed first, marked done last
 """
@@ -88,17 +90,18 @@ def write_shard(spec: ShardSpec, release_url: str, out_url: str, config: ShardCo
             # A take's samples go to a scratch file first and join the shard only when the
             # whole take succeeded: a bad take never leaves half of itself behind.
             with tempfile.TemporaryFile() as scratch:
-                take_rows = []
+                take_rows, base = [], shard.tell()
                 try:
                     src = TakeSource.load(release, take, spec.split, config)
                     for key, members, row in build_samples(release, src, config):
-                        digest = hashlib.sha256()
+                        digest, start = hashlib.sha256(), scratch.tell()
                         for ext, data in members:
                             name = f"{key}.{ext}"
                             digest.update(name.encode() + b"\0" + data)
                             scratch.write(tar_member(name, data))
                         row.update(shard=spec.name, sha256=digest.hexdigest(),
-                                   bytes=sum(len(d) for _, d in members))
+                                   bytes=sum(len(d) for _, d in members),
+                                   offset=base + start, size=scratch.tell() - start)
                         take_rows.append(row)
                 except ContentError as e:    # anything else fails the shard: Ray retries it
                     rejects.append({"take_uid": uid, "take_name": take.take_name, "split": spec.split,
@@ -240,7 +243,8 @@ def finalize(fs, out: str, shard_plan: ShardPlan) -> dict:
         "key": [r["key"] for r in rows], "take_uid": [r["take_uid"] for r in rows],
         "split": [r["split"] for r in rows], "t0": [r["t0"] for r in rows], "t1": [r["t1"] for r in rows],
         "shard": [r["shard"] for r in rows], "views": [r["views"] for r in rows],
-        "sha256": [r["sha256"] for r in rows], "bytes": [r["bytes"] for r in rows]})
+        "sha256": [r["sha256"] for r in rows], "bytes": [r["bytes"] for r in rows],
+        "offset": [r["offset"] for r in rows], "size": [r["size"] for r in rows]})
     buf = io.BytesIO()
     pq.write_table(table, buf)
     storage.write_bytes_atomic(fs, storage.join(out, "manifest.parquet"), buf.getvalue())
@@ -266,7 +270,7 @@ def _summary(record: dict) -> str:
 
 
 KIND = stages.register(stages.StageKind(
-    name="shard", params=ShardConfig, run=_run, inputs=("release",), folder="shards", needs_ray=True, version=3,
+    name="shard", params=ShardConfig, run=_run, inputs=("release",), folder="shards", needs_ray=True, version=4,
     rejects=_rejects, help="time-aligned multi-view WebDataset shards of a release (Ray Data)",
     resources=lambda config: "Ray Data: one task (1 CPU) per shard, spread across nodes",
     command=stages.Command("shard", "write time-aligned multi-view WebDataset shards of a release (Ray Data)",

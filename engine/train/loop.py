@@ -150,7 +150,7 @@ def fit(task: Task, train: Examples, val: Examples, truth: dict, classes: int, o
                            "scale": feature_scale(train.x), "classes": classes},
         scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": config.cpus_per_worker}),
-        run_config=RunConfig(name="run", **_ray_storage(out),
+        run_config=RunConfig(name="run", **ray_storage(out),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              failure_config=FailureConfig(max_failures=config.max_failures)),
         datasets={"train": dataset})
@@ -159,9 +159,9 @@ def fit(task: Task, train: Examples, val: Examples, truth: dict, classes: int, o
         return torch.load(os.path.join(d, "state.pt"), weights_only=False)
 
 
-def _ray_storage(out: str) -> dict:
+def ray_storage(out: str, storage_options: dict | None = None) -> dict:
     """Ray Train's checkpoint location under ``out`` (a path or an fsspec URL such as s3://)."""
-    fs, path = storage.filesystem(out)
+    fs, path = storage.filesystem(out, storage_options)
     if storage.is_local(fs):
         return {"storage_path": os.path.abspath(storage.join(path, "ray"))}
     import pyarrow.fs

@@ -250,11 +250,19 @@ def train_stream(index: list[SampleRef], spec: ClipSpec, *, workers: int, rank: 
     import ray
     import ray.data
 
-    index_ref = ray.put(index)
-    return ray.data.range(rows, override_num_blocks=max(1, math.ceil(rows / rows_per_task))).map_batches(
-        _decode_train_rows, batch_size=rows_per_task, num_cpus=1,
-        fn_kwargs={"index_ref": index_ref, "spec": spec, "workers": workers, "rank": rank, "seed": seed,
+    stream = ray.data.range(rows, override_num_blocks=max(1, math.ceil(rows / rows_per_task))).map_batches(
+        _decode_train_rows, batch_size=None, num_cpus=1,
+        fn_kwargs={"index_ref": ray.put(index), "spec": spec, "workers": workers, "rank": rank, "seed": seed,
                    "start": start, "storage_options": storage_options})
+    return _decode_freely(stream)
+
+
+def _decode_freely(stream):
+    """Whole blocks per decode call (``batch_size=None``: with a batch size Ray Data does not
+    fuse the map with the read), and no per-operator CPU reservation (on few CPUs it let one
+    decode task run at a time): bench/pretrain.py measured 2x the pairs/s on 2 CPUs."""
+    stream.context.op_resource_reservation_enabled = False
+    return stream
 
 
 def eval_stream(index: list[SampleRef], spec: ClipSpec, storage_options: dict | None = None,
@@ -265,6 +273,7 @@ def eval_stream(index: list[SampleRef], spec: ClipSpec, storage_options: dict | 
     import ray.data
 
     items = [{"sample": i, "view": view} for i, ref in enumerate(index) for view in ref.views]
-    return ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / rows_per_task))).map_batches(
-        _decode_eval_rows, batch_size=rows_per_task, num_cpus=1,
-        fn_kwargs={"index_ref": ray.put(index), "spec": spec, "storage_options": storage_options})
+    return _decode_freely(ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / rows_per_task)))
+                          .map_batches(_decode_eval_rows, batch_size=None, num_cpus=1,
+                                       fn_kwargs={"index_ref": ray.put(index), "spec": spec,
+                                                  "storage_options": storage_options}))

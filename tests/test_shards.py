@@ -351,3 +351,33 @@ def test_a_few_frames_decode_a_few_gops_not_the_window(default_release, monkeypa
     frames = video.decode_at(clip.data, [3, 100])
     assert [read_stamp(frames[k]) for k in (3, 100)] == [3, 100]
     assert len(decoded) <= 4 + 11 + 8   # frames 0-3, 90-100, plus decoder look-ahead; not 101
+
+
+def test_a_truncated_annotation_file_costs_only_its_annotations(tiny_release, damaged, tmp_path, local_ray):
+    splits = Release.open(str(damaged)).splits().split_to_take_uids
+    split = next(s for s in ("train", "val", "test") if splits.get(s) and
+                 (damaged / "annotations" / f"relations_{s}.json").exists())
+    broken = damaged / "annotations" / f"relations_{split}.json"
+    broken.write_bytes(broken.read_bytes()[:100])
+    config = ShardConfig(splits=(split,), window=1.0, shard_mb=0.3)
+    result = job.run(str(damaged), str(tmp_path / "damaged"), config, progress=False)
+    job.run(str(tiny_release), str(tmp_path / "clean"), config, progress=False)
+    assert result["rejects"] == 0 and result["annotation_problems"] == 1
+    [problem] = json.loads((tmp_path / "damaged" / "problems.json").read_text())
+    assert problem["file"] == f"annotations/relations_{split}.json" and "malformed JSON at line" in problem["reason"]
+    clean = {s["__key__"]: s for s in _samples(sorted(glob.glob(str(tmp_path / "clean" / split / "*.tar"))))}
+    got = {s["__key__"]: s for s in _samples(sorted(glob.glob(str(tmp_path / "damaged" / split / "*.tar"))))}
+    assert sorted(got) == sorted(clean) and {json.loads(s["json"])["take"]["take_uid"] for s in got.values()} == \
+        set(splits[split])
+    lost = 0
+    for key, sample in got.items():
+        expected = {k: v for k, v in clean[key].items() if k != "relations.npz"}
+        lost += "relations.npz" in clean[key]
+        assert sorted(sample) == sorted(expected)
+        for member in expected:
+            if not member.startswith("__") and member != "json":
+                assert sample[member] == expected[member], (key, member)     # video, audio, sensors, poses
+        meta, clean_meta = json.loads(sample["json"]), json.loads(expected["json"])
+        assert meta["annotations"] == clean_meta["annotations"]
+        assert "relations" not in meta["arrays"] and meta["views"] == clean_meta["views"]
+    assert lost > 0          # the relations arrays are what the truncated file took away

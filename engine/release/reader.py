@@ -27,7 +27,11 @@ _ENTRY_ERRORS = (rec.MalformedEntry, KeyError, TypeError, ValueError, AttributeE
 
 
 class ReleaseError(ContentError):
-    """The release, or one of its files, cannot be read at all."""
+    """The release, or one of its files, cannot be read at all; ``file`` names the file."""
+
+    def __init__(self, message: str, file: str | None = None):
+        super().__init__(message)
+        self.file = file
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,16 +83,21 @@ class Release:
         except FileNotFoundError:
             raise
         except Exception as e:
-            raise ReleaseError(f"{relative}: cannot read: {e}") from e
+            raise ReleaseError(f"{relative}: cannot read: {e}", relative) from e
         try:
             return json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             where = f"line {e.lineno} column {e.colno}: {e.msg}" if isinstance(e, json.JSONDecodeError) else str(e)
-            raise ReleaseError(f"{relative}: malformed JSON at {where}") from e
+            raise ReleaseError(f"{relative}: malformed JSON at {where}", relative) from e
 
     def _cached(self, key, load: Callable[[], Any]):
         if key not in self._cache:
-            self._cache[key] = load()
+            try:
+                self._cache[key] = load()
+            except ReleaseError as e:     # a malformed file stays malformed: parse it once
+                self._cache[key] = e
+        if isinstance(self._cache[key], ReleaseError):
+            raise self._cache[key]
         return self._cache[key]
 
     def _entries(self, relative: str, items, parse) -> list:
@@ -135,7 +144,7 @@ class Release:
             data = self.read_json(relative)
             ann = data.get("annotations", data) if isinstance(data, dict) else None
             if not isinstance(ann, dict):
-                raise ReleaseError(f"{relative}: expected an object of annotations keyed by take_uid")
+                raise ReleaseError(f"{relative}: expected an object of annotations keyed by take_uid", relative)
             good = {}
             for uid, raw in ann.items():
                 try:
@@ -151,7 +160,7 @@ class Release:
             data = self.read_json(relative)
             items = data.get(key) if isinstance(data, dict) else data
             if not isinstance(items, list):
-                raise ReleaseError(f"{relative}: expected a list of entries under {key!r}")
+                raise ReleaseError(f"{relative}: expected a list of entries under {key!r}", relative)
             return self._entries(relative, enumerate(items), parse)
         return self._cached(relative, load)
 

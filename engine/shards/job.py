@@ -14,6 +14,8 @@ Outputs under OUT:
                                       bytes, and offset/size: where its members lie in the tar, so a
                                       reader fetches one sample with one range read)
   rejects.json                        take_uid, split and reason of every take left out
+  problems.json                       file and reason of every annotation file that could not be read
+                                      (each takes only its own annotations away: takes keep the rest)
   stage.json                          the stage record (engine.stage): claimed first, marked done last
 """
 from __future__ import annotations
@@ -75,7 +77,7 @@ def write_shard(spec: ShardSpec, release_url: str, out_url: str, config: ShardCo
     fs, out = storage.filesystem(out_url, storage_options)
     tar_path, stats_path = _shard_paths(out, spec)
     started = time.time()
-    rows, rejects, seconds = [], [], 0.0
+    rows, rejects, problems, seconds = [], [], [], 0.0
     # Staged on local disk: beside the target for a local output (then renamed), in the temp
     # dir for an object store (then uploaded in one PUT). The name is fixed per shard, so a
     # retry after a crash overwrites it instead of leaving a second one behind.
@@ -93,6 +95,7 @@ def write_shard(spec: ShardSpec, release_url: str, out_url: str, config: ShardCo
                 take_rows, base = [], shard.tell()
                 try:
                     src = TakeSource.load(release, take, spec.split, config)
+                    problems += [p for p in src.problems if p not in problems]
                     for key, members, row in build_samples(release, src, config):
                         digest, start = hashlib.sha256(), scratch.tell()
                         for ext, data in members:
@@ -121,7 +124,7 @@ def write_shard(spec: ShardSpec, release_url: str, out_url: str, config: ShardCo
         os.unlink(staging)
     stats = {"shard": spec.name, "split": spec.split, "samples": len(rows), "bytes": size,
              "video_seconds": round(seconds, 3), "takes": sorted({r["take_uid"] for r in rows}),
-             "failures": rejects, "rows": rows, "node_id": _node_id(), "host": socket.gethostname(),
+             "failures": rejects, "problems": problems, "rows": rows, "node_id": _node_id(), "host": socket.gethostname(),
              "wall_seconds": round(time.time() - started, 3)}
     storage.write_json_atomic(fs, stats_path, stats)
     return stats
@@ -223,12 +226,13 @@ class _RayShardWriter:
 def finalize(fs, out: str, shard_plan: ShardPlan) -> dict:
     """Gather every shard's stats into the manifest, the wids indexes and the rejects; return the
     stage's result."""
-    rows, rejects, per_split = [], list(shard_plan.rejects), {}
+    rows, rejects, problems, per_split = [], list(shard_plan.rejects), [], {}
     for spec in shard_plan.specs:
         tar_path, stats_path = _shard_paths(out, spec)
         stats = storage.read_json(fs, stats_path)
         rows += stats["rows"]
         rejects += stats["failures"]
+        problems += [p for p in stats["problems"] if p not in problems]
         per_split.setdefault(spec.split, []).append(stats)
         # A run killed between a staging write and its rename leaves a .partial; a later
         # successful run of that shard published it, so anything left is stale.
@@ -249,18 +253,22 @@ def finalize(fs, out: str, shard_plan: ShardPlan) -> dict:
     pq.write_table(table, buf)
     storage.write_bytes_atomic(fs, storage.join(out, "manifest.parquet"), buf.getvalue())
     storage.write_json_atomic(fs, storage.join(out, "rejects.json"), rejects)
+    storage.write_json_atomic(fs, storage.join(out, "problems.json"), problems)
     return {
         "shards": {s: [x["shard"] for x in v] for s, v in per_split.items()},
         "samples": len(rows), "bytes": sum(x["bytes"] for v in per_split.values() for x in v),
         "video_seconds": round(sum(x["video_seconds"] for v in per_split.values() for x in v), 3),
-        "rejects": len(rejects), "nodes": sorted({x["node_id"] for v in per_split.values() for x in v
-                                                   if x.get("node_id")}),
+        "rejects": len(rejects), "annotation_problems": len(problems),
+        "nodes": sorted({x["node_id"] for v in per_split.values() for x in v if x.get("node_id")}),
     }
 
 
 def _rejects(record: dict) -> list[tuple[str, str]]:
+    """Takes left out, then annotation files that could not be read (the takes kept the rest)."""
     fs, path = storage.filesystem(record["output"])
-    return [(r.get("take_uid"), r.get("reason")) for r in storage.read_json(fs, storage.join(path, "rejects.json"))]
+    rejects = storage.read_json(fs, storage.join(path, "rejects.json"))
+    problems = storage.read_json(fs, storage.join(path, "problems.json"))
+    return [(r.get("take_uid"), r.get("reason")) for r in rejects] + [(p["file"], p["reason"]) for p in problems]
 
 
 def _summary(record: dict) -> str:
@@ -270,7 +278,7 @@ def _summary(record: dict) -> str:
 
 
 KIND = stages.register(stages.StageKind(
-    name="shard", params=ShardConfig, run=_run, inputs=("release",), folder="shards", needs_ray=True, version=4,
+    name="shard", params=ShardConfig, run=_run, inputs=("release",), folder="shards", needs_ray=True, version=5,
     rejects=_rejects, help="time-aligned multi-view WebDataset shards of a release (Ray Data)",
     resources=lambda config: "Ray Data: one task (1 CPU) per shard, spread across nodes",
     command=stages.Command("shard", "write time-aligned multi-view WebDataset shards of a release (Ray Data)",

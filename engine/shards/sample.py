@@ -16,7 +16,7 @@ import pyarrow.csv as pacsv
 
 from engine import video
 from engine.errors import ContentError
-from engine.release import Release
+from engine.release import Release, ReleaseError
 from engine.release import records as rec
 from engine.shards import dense, schema
 from engine.shards.plan import ShardConfig, select_views, window_frames
@@ -53,6 +53,7 @@ class TakeSource:
     dense: dense.TakeDense            # poses, camera poses and masks as arrays, cut per window later
     trajectory: dict[str, np.ndarray] | None
     gaze: dict[str, np.ndarray] | None
+    problems: list[dict]              # annotation files that could not be read: {file, reason}
 
     @classmethod
     def load(cls, release: Release, take: rec.Take, split: str, config: ShardConfig) -> TakeSource:
@@ -70,10 +71,11 @@ class TakeSource:
                 raise BadTake(f"{view.key}: {e}") from None
         if len(set(counts.values())) > 1:
             raise BadTake(f"views disagree on frame count: {counts}")
-        annotations = _take_annotations(release, take, split)
+        problems = []
+        annotations = _take_annotations(release, take, split, problems)
         return cls(take, split, views, next(iter(counts.values())), annotations, dense.TakeDense.from_annotations(annotations),
                    _csv(release, f"{take.root_dir}/trajectory/closed_loop_trajectory.csv"),
-                   _csv(release, f"{take.root_dir}/eye_gaze/general_eye_gaze.csv"))
+                   _csv(release, f"{take.root_dir}/eye_gaze/general_eye_gaze.csv"), problems)
 
 
 def _csv(release: Release, relative: str) -> dict[str, np.ndarray] | None:
@@ -93,14 +95,19 @@ def _csv(release: Release, relative: str) -> dict[str, np.ndarray] | None:
     return columns
 
 
-def _optional(load):
-    try:
-        return load()
-    except FileNotFoundError:
-        return None
+def _take_annotations(release: Release, take: rec.Take, split: str, problems: list[dict]) -> dict:
+    """The take's annotations, benchmark by benchmark. A file that is absent or cannot be read
+    (malformed, truncated) costs only what it holds: the take keeps its video and every other
+    annotation, and the unreadable file goes to ``problems``."""
+    def _optional(load):
+        try:
+            return load()
+        except FileNotFoundError:
+            return None
+        except ReleaseError as e:
+            problems.append({"file": e.file, "reason": str(e)})
+            return None
 
-
-def _take_annotations(release: Release, take: rec.Take, split: str) -> dict:
     uid = take.take_uid
     out = {}
     keystep = _optional(lambda: release.keystep(split))

@@ -44,7 +44,9 @@ def takes(tiny_release) -> list[Take]:
     out = []
     for take in release.takes():
         split = splits.take_uid_to_split[take.take_uid]
-        ann = _take_annotations(release, take, split)
+        problems = []
+        ann = _take_annotations(release, take, split, problems)
+        assert not problems
         if not all(k in ann for k in (*dense.POSE_FAMILIES, dense.CAMERA_POSE, dense.RELATIONS)):
             continue
         entry = release.read_json(f"annotations/relations_{split}.json")["annotations"][take.take_uid]

@@ -189,11 +189,12 @@ def decode_pair(sample: dict[str, bytes], spec: ClipSpec, seed: int, epoch: int,
             "sample": np.int64(index), "epoch": np.int64(epoch)}
 
 
-def centred_clip(sample: dict[str, bytes], view: str, spec: ClipSpec) -> tuple[np.ndarray, bool]:
-    """An evaluation clip: view ``view``'s clip centred in the window, and whether it is the ego view."""
+def centred_clips(sample: dict[str, bytes], spec: ClipSpec) -> list[tuple[np.ndarray, bool]]:
+    """Evaluation clips: each view's clip centred in the window, and whether it is the ego view."""
     meta = schema.read_meta(sample[schema.JSON_MEMBER])
-    clip, _ = decode_view(sample, meta, view, clip_frames(meta.window, spec, None), spec, np.random.default_rng(0))
-    return clip, meta.views[view].is_ego
+    frames = clip_frames(meta.window, spec, None)
+    return [(decode_view(sample, meta, name, frames, spec, np.random.default_rng(0))[0], meta.views[name].is_ego)
+            for name in sorted(meta.views)]
 
 
 # ----------------------------------------------------------------------------- Ray Data
@@ -234,11 +235,11 @@ def _decode_train_rows(batch: dict, index_ref, spec: ClipSpec, workers: int, ran
 def _decode_eval_rows(batch: dict, index_ref, spec: ClipSpec, storage_options: dict | None) -> dict:
     index = _index(index_ref)
     clips, samples, is_ego = [], [], []
-    for i, view in zip(batch["sample"], batch["view"]):
-        clip, ego = load(index[int(i)], lambda members: centred_clip(members, str(view), spec), storage_options)
-        clips.append(clip)
-        samples.append(int(i))
-        is_ego.append(ego)
+    for i in batch["sample"]:
+        for clip, ego in load(index[int(i)], lambda members: centred_clips(members, spec), storage_options):
+            clips.append(clip)
+            samples.append(int(i))
+            is_ego.append(ego)
     return {"clip": np.stack(clips), "sample": np.asarray(samples, np.int64), "is_ego": np.asarray(is_ego, np.int64)}
 
 
@@ -266,13 +267,13 @@ def _decode_freely(stream):
 
 
 def eval_stream(index: list[SampleRef], spec: ClipSpec, storage_options: dict | None = None,
-                rows_per_task: int = 8):
+                rows_per_task: int = 2):
     """One row per (sample, view) of ``index``: the clip centred in the sample's window,
-    ``spec``'s crop (centre for evaluation)."""
+    ``spec``'s crop (centre for evaluation). Each sample is read once for all its views."""
     import ray
     import ray.data
 
-    items = [{"sample": i, "view": view} for i, ref in enumerate(index) for view in ref.views]
+    items = [{"sample": i} for i in range(len(index))]
     return _decode_freely(ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / rows_per_task)))
                           .map_batches(_decode_eval_rows, batch_size=None, num_cpus=1,
                                        fn_kwargs={"index_ref": ray.put(index), "spec": spec,

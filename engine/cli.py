@@ -87,11 +87,16 @@ def _submit(args) -> int:
     from engine import storage
     from engine.graph.spec import SpecError, load
 
-    working_dir = os.path.abspath(args.working_dir)
+    # local:///PATH: the code is already at PATH on every node (an image built from
+    # cluster/Dockerfile); nothing is uploaded, and the spec is read there at its path relative
+    # to the current directory.
+    in_place = args.working_dir.startswith("local://")
+    working_dir = args.working_dir if in_place else os.path.abspath(args.working_dir)
+    base = os.getcwd() if in_place else working_dir
     spec_path = os.path.abspath(args.spec)
-    if not spec_path.startswith(working_dir + os.sep):
-        print(f"ee4d submit: {args.spec} is outside the working dir {working_dir}, which is what the job receives",
-              file=sys.stderr)
+    if not spec_path.startswith(base + os.sep):
+        where = "the current directory" if in_place else "the working dir"
+        print(f"ee4d submit: {args.spec} is outside {where} {base}, which is what the job receives", file=sys.stderr)
         return 2
     try:
         spec = load(spec_path, args.set, out=args.out, local=False)   # a malformed spec fails here, not on the cluster
@@ -104,13 +109,14 @@ def _submit(args) -> int:
         out = os.path.abspath(out)
         print(f"ee4d submit: out is the local path {out}: every node of the cluster must see it (use s3:// on "
               "a real cluster)")
-    entrypoint = " ".join(["python -m engine run", shlex.quote(os.path.relpath(spec_path, working_dir)),
+    entrypoint = " ".join(["python -m engine run", shlex.quote(os.path.relpath(spec_path, base)),
                            "--out", shlex.quote(out)] + [f"--set {shlex.quote(s)}" for s in args.set or []])
     client = _jobs_client(args.address)
     job_id = client.submit_job(
         entrypoint=entrypoint, submission_id=args.job_id, metadata={"ee4d_spec": spec.name, "out": out},
         runtime_env={"working_dir": working_dir,
-                     "excludes": [".venv/", "runs/", ".git/", "__pycache__/", "*.pyc", ".pytest_cache/"],
+                     **({} if in_place else {"excludes": [".venv/", "runs/", ".git/", "__pycache__/", "*.pyc",
+                                                          ".pytest_cache/"]}),
                      # the job registers the same plugin stages and benchmarks as this spec was checked with
                      "env_vars": {k: os.environ[k] for k in (stages.PLUGINS_ENV,) if os.environ.get(k)}})
     print(f"submitted {job_id} to {args.address}: {entrypoint}")
@@ -236,7 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the cluster's dashboard / Jobs API (default: $RAY_API_SERVER_ADDRESS or %(default)s)")
     p.add_argument("--out", help="output location the cluster writes (default: the spec's out)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a spec value (repeatable)")
-    p.add_argument("--working-dir", default=".", help="code shipped with the job (default: the current directory)")
+    p.add_argument("--working-dir", default=".",
+                   help="code shipped with the job (default: the current directory), or local:///PATH when every "
+                        "node already has it at PATH (an image from cluster/Dockerfile): nothing is uploaded")
     p.add_argument("--job-id", help="submission id (default: one Ray makes up)")
     p.add_argument("--wait", action="store_true", help="follow the logs until the job ends; exit 1 unless it succeeded")
     p.set_defaults(func=_submit)

@@ -6,10 +6,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -179,16 +182,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _cluster_processes(port: str) -> set:
-    """The live processes of cluster/local.sh's cluster on ``port``: those whose command line
-    names its node folders or its head's address, and their descendants."""
+def _processes(pattern: str) -> set:
+    """The live processes whose command line matches ``pattern``, and their descendants (Ray's
+    workers and agents rename themselves)."""
     import psutil
 
     found = set()
     for proc in psutil.process_iter(["cmdline"]):
-        if re.search(f"ray-ee4d-(head|worker)-{port}|--address=\\S*:{port} ", " ".join(proc.info["cmdline"] or [])):
+        if re.search(pattern, " ".join(proc.info["cmdline"] or [])):
             found |= {proc, *proc.children(recursive=True)}
     return {p for p in found if p.is_running() and p.status() != psutil.STATUS_ZOMBIE}
+
+
+def _cluster_processes(port: str) -> set:
+    """The processes of cluster/local.sh's cluster on ``port``: those naming its node folders or
+    its head's address."""
+    return _processes(f"ray-ee4d-(head|worker)-{port}|--address=\\S*:{port} ")
 
 
 def _still_running(procs: set) -> list:
@@ -288,6 +297,99 @@ sys.exit(0 if client.stop_job("first") else 1)
     assert reported_metrics(out) == reported_metrics(demo_run)
     nodes = json.loads(next(out.glob("shards/*/stage.json")).read_text())["result"]["nodes"]
     assert len(nodes) == 2               # shards were written on both nodes
+
+
+# Node types shaped like cluster/aws.yaml's: a head that runs no tasks, and CPU and GPU workers
+# that scale from zero. The GPU type's "GPU" is only a resource here (torch runs on the CPU).
+AUTOSCALING_NODE_TYPES = {
+    "ray.head.default": {"resources": {}, "node_config": {}, "max_workers": 0},
+    "ray.worker.cpu": {"resources": {"CPU": 2}, "node_config": {}, "min_workers": 0, "max_workers": 3},
+    "ray.worker.gpu": {"resources": {"CPU": 2, "GPU": 1}, "node_config": {}, "min_workers": 0, "max_workers": 1},
+}
+
+
+@pytest.fixture
+def autoscaling_cluster():
+    """An autoscaling cluster on Ray's fake multi-node provider: the autoscaler starts and stops
+    each worker node as a local raylet, as it would launch and terminate instances."""
+    port, dashboard = _free_port(), _free_port()
+    # Short: the nodes' socket paths live under it.
+    temp = tempfile.mkdtemp(prefix="ray-ee4d-fake-")
+    config = {
+        "cluster_name": "ee4d-fake", "max_workers": 4, "upscaling_speed": 2.0, "idle_timeout_minutes": 0.25,
+        "provider": {"type": "fake_multinode", "gcs_address": f"127.0.0.1:{port}", "use_node_id_as_ip": True,
+                     "disable_node_updaters": True, "disable_launch_config_check": True},
+        "head_node_type": "ray.head.default", "available_node_types": AUTOSCALING_NODE_TYPES,
+        "auth": {"ssh_user": "ray"}, "docker": {}, "file_mounts": {}, "cluster_synced_files": [],
+        "file_mounts_sync_continuously": False, "rsync_exclude": [], "rsync_filter": [],
+        "initialization_commands": [], "setup_commands": [], "head_setup_commands": [], "worker_setup_commands": [],
+        "head_start_ray_commands": [], "worker_start_ray_commands": []}
+    config_path = Path(temp) / "autoscaling.json"
+    config_path.write_text(json.dumps(config))
+    auth = {"RAY_AUTH_MODE": "disabled"}
+    env = {**os.environ, **auth, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    started = subprocess.run(
+        ["ray", "start", "--head", f"--autoscaling-config={config_path}", "--port", str(port), "--num-cpus", "0",
+         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--temp-dir", temp,
+         "--disable-usage-stats"], env=env, capture_output=True, text=True, timeout=120)
+    try:
+        assert started.returncode == 0, started.stdout + started.stderr
+        yield f"http://127.0.0.1:{dashboard}", auth
+    finally:
+        ours = _processes(f"{temp}|--address=\\S*:{port} ")
+        for proc in ours:
+            proc.kill()
+        _still_running(ours)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _nodes(address: str) -> dict[str, dict]:
+    """Every node the cluster has had, alive or not: node id -> state and total resources."""
+    from ray.util.state import list_nodes
+
+    return {n.node_id: {"state": n.state, "resources": n.resources_total, "head": n.is_head_node}
+            for n in list_nodes(address=address, detail=True, limit=1000, raise_on_missing_output=False)}
+
+
+def test_on_an_autoscaling_cluster_shards_run_on_cpu_nodes_and_models_on_gpu_nodes_that_scale_from_zero(
+        demo_run, autoscaling_cluster, tmp_path):
+    from ray.util.state import list_actors
+
+    address, auth = autoscaling_cluster
+    assert [n["head"] for n in _nodes(address).values() if n["state"] == "ALIVE"] == [True]    # no workers yet
+    out = tmp_path / "autoscaled"
+    release = next(demo_run.glob("release/*/takes.json")).parent
+    tasks = [f"tasks.{t}.use_gpu=false"
+             for t in ("keystep_recognition", "demonstrator_proficiency", "demonstration_proficiency")]
+    small = [s for s in SMALL if not s.startswith("pretrain.")]
+    # The GPU type joins only when the model's actors ask for it; two actors share its one GPU.
+    args = sets(small + tasks + [f"release.url={release}", "release.synth=null", "pretrain=false",
+                                 "features.use_gpu=true", "features.gpus_per_actor=0.5", "features.actors=2"])
+    # The code in place on every node, as an image from cluster/Dockerfile has it. (An uploaded
+    # working dir would not do here: the fake nodes share one session folder, and each node that
+    # joins unpacks the upload again into it, under the feet of the workers already running.)
+    submitted = ee4d("submit", "jobs/demo.yaml", "--address", address, "--out", str(out), "--job-id", "scaled",
+                     "--working-dir", f"local://{REPO}", "--wait", *args, env=auth, timeout=900)
+    assert "scaled: SUCCEEDED" in submitted.stdout, submitted.stdout[-3000:]
+    assert_close(outputs(out), outputs(demo_run))
+
+    nodes = _nodes(address)
+    gpu_nodes = {i for i, n in nodes.items() if n["resources"].get("GPU")}
+    cpu_nodes = {i for i, n in nodes.items() if not n["head"] and i not in gpu_nodes}
+    shard_nodes = set(json.loads(next(out.glob("shards/*/stage.json")).read_text())["result"]["nodes"])
+    assert shard_nodes and shard_nodes <= cpu_nodes, (shard_nodes, nodes)
+    embedders = [a for a in list_actors(address=address, detail=True, limit=10000, raise_on_missing_output=False)
+                 if "Embedder" in a.class_name]
+    assert embedders and {a.node_id for a in embedders} <= gpu_nodes, (embedders, nodes)
+    assert all(a.required_resources.get("GPU") == 0.5 for a in embedders), embedders
+
+    # Idle workers go away again: back to the head alone.
+    deadline = time.time() + 120
+    while [i for i, n in _nodes(address).items() if n["state"] == "ALIVE" and not n["head"]] \
+            and time.time() < deadline:
+        time.sleep(2)
+    assert [n["head"] for n in _nodes(address).values() if n["state"] == "ALIVE"] == [True]
 
 
 PLUGIN = {"EE4D_PLUGINS": "toy_plugin", "PYTHONPATH": str(REPO / "tests")}

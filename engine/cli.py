@@ -9,7 +9,7 @@ import time
 
 from engine import params as P
 from engine import stage as stages
-from engine.errors import ContentError
+from engine.errors import ContentError, storage_fault
 
 
 def _evaluate(args) -> int:
@@ -206,6 +206,13 @@ def _with_params(cls: type, args, command: str, main) -> int:
     except (ValueError, ContentError) as e:
         print(f"ee4d {command}: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        fault = storage_fault(e)
+        if fault is None:
+            raise
+        print(f"ee4d {command}: {fault}; nothing was committed: run the same command again to finish",
+              file=sys.stderr)
+        return 1
 
 
 def _run_stage(kind: stages.StageKind, cls: type, args) -> int:

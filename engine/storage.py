@@ -7,6 +7,7 @@ S3 settings come from the usual AWS environment variables (``AWS_ACCESS_KEY_ID``
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import json
 import os
@@ -16,6 +17,8 @@ from typing import Any
 
 import fsspec
 from fsspec.core import url_to_fs
+
+from engine.errors import StorageFault, passing_fault
 
 
 def filesystem(url: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -60,6 +63,36 @@ def _stop_io_thread() -> None:
     thread.join(timeout=5)
 
 
+@contextlib.contextmanager
+def faults_named(url: str):
+    """A passing storage fault raised inside (one that outlived the client's retries) leaves as a
+    StorageFault naming ``url``: the fault is then the unit's, never a verdict on its data."""
+    try:
+        yield
+    except StorageFault:
+        raise
+    except Exception as e:
+        cause = passing_fault(e)
+        if cause is None:
+            raise
+        raise StorageFault.at(url, cause) from e
+
+
+def url(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """``path`` of ``fs`` as a URL, for messages."""
+    return path if is_local(fs) else f"{fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]}://{path}"
+
+
+def url_of(f) -> str:
+    """The URL of an fsspec file object (or a path as given), for messages."""
+    if isinstance(f, str):
+        return f
+    path, fs = getattr(f, "path", None), getattr(f, "fs", None)
+    if path is None:
+        return repr(f)
+    return path if fs is None else url(fs, path)
+
+
 def absolute(url: str) -> str:
     """A local path made absolute (records name their inputs and outputs from any cwd); URLs as given."""
     return url if "://" in url else os.path.abspath(url)
@@ -75,7 +108,7 @@ def is_local(fs: fsspec.AbstractFileSystem) -> bool:
 
 
 def read_json(fs: fsspec.AbstractFileSystem, path: str) -> Any:
-    with fs.open(path, "rb") as f:
+    with faults_named(url(fs, path)), fs.open(path, "rb") as f:
         return json.load(f)
 
 
@@ -91,7 +124,8 @@ def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) ->
             f.write(data)
         os.replace(tmp, path)
     else:
-        fs.pipe_file(path, data)
+        with faults_named(url(fs, path)):
+            fs.pipe_file(path, data)
 
 
 def write_json_atomic(fs: fsspec.AbstractFileSystem, path: str, obj: Any) -> None:

@@ -29,9 +29,9 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from engine import errors, storage, video
 from engine import params as P
 from engine import stage as stages
-from engine import storage, video
 from engine.errors import ContentError
 from engine.features import models, store
 from engine.features.models import ModelSpec
@@ -320,7 +320,9 @@ def _run(config: FeatureConfig, inputs: dict, out_url: str, ctx: stages.Context)
     rejects, written, windows, dim, writers_used = [], 0, 0, None, []
     if items:
         import ray.data
-        ray.data.DataContext.get_current().enable_progress_bars = ctx.progress
+        data_context = ray.data.DataContext.get_current()
+        data_context.enable_progress_bars = ctx.progress
+        errors.retry_storage_faults(data_context)
         gpus = ray.cluster_resources().get("GPU", 0)
         use_gpu = config.use_gpu if config.use_gpu is not None else gpus > 0
         if use_gpu:

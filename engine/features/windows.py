@@ -155,7 +155,7 @@ def read_shard(url: str, storage_options: dict | None = None) -> Iterator[tuple[
 
     from engine import storage
     fs, path = storage.filesystem(url, storage_options)
-    with fs.open(path, "rb") as stream:
+    with storage.faults_named(url), fs.open(path, "rb") as stream:
         samples = ({**s, schema.JSON_MEMBER: schema.read_meta(s[schema.JSON_MEMBER])}
                    for s in group_by_keys(tar_file_expander([{"url": url, "stream": stream}])))
         yield from itertools.groupby(samples, key=lambda s: s[schema.JSON_MEMBER].take.take_uid)

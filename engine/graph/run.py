@@ -19,6 +19,7 @@ import traceback
 
 from engine import stage as stages
 from engine import storage
+from engine.errors import storage_fault
 from engine.graph.spec import Spec
 
 
@@ -106,11 +107,13 @@ def run(spec: Spec, out: str | None = None, address: str | None = None, progress
                                     commit=not (stage.kind.uses_all_stages and failed))
         except Exception as e:   # noqa: BLE001 - one stage's failure must not lose the others' work
             failed.append(stage.name)
+            fault = storage_fault(e)     # a storage fault: its one line says it all
+            error = f"StorageFault: {fault}" if fault else f"{type(e).__name__}: {e}"
             ctx.records[stage.name] = stage.record("failed", input_urls, input_fps,
-                                                   seconds=round(time.time() - t0, 3),
-                                                   error=f"{type(e).__name__}: {e}")
-            log(f"{at}: FAILED: {type(e).__name__}: {e}")
-            log(traceback.format_exc(limit=4))
+                                                   seconds=round(time.time() - t0, 3), error=error)
+            log(f"{at}: FAILED: {error}")
+            if not fault:
+                log(traceback.format_exc(limit=4))
             continue
         ctx.records[stage.name] = record
         if record["status"] == "reused":

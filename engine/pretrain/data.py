@@ -26,7 +26,7 @@ import tarfile
 import numpy as np
 
 from engine import storage, video
-from engine.errors import ContentError
+from engine.errors import ContentError, StorageFault
 from engine.shards import schema
 from engine.shards.dataset import view_frames
 
@@ -113,7 +113,8 @@ def row_sample(row: int, samples: int, workers: int, rank: int, seed: int,
 def read_sample(ref: SampleRef, storage_options: dict | None = None) -> dict[str, bytes]:
     """The sample's members ``{"json": ..., "ego.mp4": ..., ...}`` from one range read."""
     fs, path = storage.filesystem(ref.url, storage_options)
-    data = fs.cat_file(path, start=ref.offset, end=ref.offset + ref.size)
+    with storage.faults_named(f"{ref.url} bytes {ref.offset}-{ref.offset + ref.size}"):
+        data = fs.cat_file(path, start=ref.offset, end=ref.offset + ref.size)
     members = {}
     with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
         for info in tar:
@@ -216,6 +217,8 @@ def load(ref: SampleRef, decode, storage_options: dict | None):
     """``decode(members)`` of the sample at ``ref``, any failure named by sample and shard."""
     try:
         return decode(read_sample(ref, storage_options))
+    except StorageFault:
+        raise
     except (ContentError, ValueError, KeyError, OSError, tarfile.TarError) as e:
         raise SampleError(f"sample {ref.key} of take {ref.take_uid} ({ref.url}, bytes {ref.offset}-"
                           f"{ref.offset + ref.size}): {type(e).__name__}: {e}") from e

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from engine import storage
-from engine.errors import ContentError
+from engine.errors import ContentError, StorageFault, passing_fault
 from engine.release import records as rec
 
 SPLITS = ("train", "val", "test")
@@ -83,6 +83,8 @@ class Release:
         except FileNotFoundError:
             raise
         except Exception as e:
+            if passing_fault(e):
+                raise StorageFault.at(storage.join(self.url, relative), e) from e
             raise ReleaseError(f"{relative}: cannot read: {e}", relative) from e
         try:
             return json.loads(raw)

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from engine import params as P
 from engine import stage as stages
 from engine import storage
+from engine.errors import StorageFault, passing_fault
 from engine.release import records as rec
 from engine.release.reader import Problem, Release, ReleaseError
 from engine.video import VideoError, probe
@@ -104,6 +105,8 @@ def _probe_view(release: Release, view: rec.View) -> tuple[dict | None, Problem 
     except VideoError as e:
         return None, Problem("view_unreadable", f"{view.key}: {e}", view.path)
     except OSError as e:
+        if passing_fault(e):    # storage, not the file: no verdict on the release
+            raise StorageFault.at(storage.join(release.url, view.path), e) from e
         return None, Problem("view_unreadable", f"{view.key}: {e}", view.path)
 
 

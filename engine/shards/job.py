@@ -35,8 +35,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from engine import errors, storage
 from engine import stage as stages
-from engine import storage
 from engine.errors import ContentError
 from engine.release import Release
 from engine.shards.plan import ShardConfig, ShardSpec, plan_shards, select_views
@@ -120,7 +120,8 @@ def write_shard(spec: ShardSpec, release_url: str, out_url: str, config: ShardCo
     if storage.is_local(fs):
         os.replace(staging, tar_path)
     else:
-        fs.put_file(staging, tar_path)
+        with storage.faults_named(storage.url(fs, tar_path)):
+            fs.put_file(staging, tar_path)
         os.unlink(staging)
     stats = {"shard": spec.name, "split": spec.split, "samples": len(rows), "bytes": size,
              "video_seconds": round(seconds, 3), "takes": sorted({r["take_uid"] for r in rows}),
@@ -155,7 +156,8 @@ def plan(release: Release, config: ShardConfig) -> ShardPlan:
 
     def source_bytes(take) -> int:
         views = select_views(take, config.views, config.resolution)
-        return sum(release.fs.size(release.path(v.path)) for _, v in views)
+        with storage.faults_named(f"{release.url} (sizes of take {take.take_name}'s videos)"):
+            return sum(release.fs.size(release.path(v.path)) for _, v in views)
 
     for split in config.splits:
         members = []
@@ -197,7 +199,9 @@ def _run(config: ShardConfig, inputs: dict, out_url: str, ctx: stages.Context) -
             f"{len(todo)} to write")
     if todo:
         import ray.data
-        ray.data.DataContext.get_current().enable_progress_bars = ctx.progress
+        data_context = ray.data.DataContext.get_current()
+        data_context.enable_progress_bars = ctx.progress
+        errors.retry_storage_faults(data_context)
         items = [{"spec": json.dumps(dataclasses.asdict(s))} for s in todo]
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         # One CPU per shard (decode and mux are single-threaded per stream); Ray Data spreads

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
-from engine import video
+from engine import storage, video
 from engine.errors import ContentError
 from engine.release import Release, ReleaseError
 from engine.release import records as rec
@@ -84,7 +84,7 @@ def _csv(release: Release, relative: str) -> dict[str, np.ndarray] | None:
     columns become float32, which keeps positions in metres to micrometres."""
     if not release.exists(relative):
         return None
-    with release.open_file(relative) as f:
+    with storage.faults_named(storage.join(release.url, relative)), release.open_file(relative) as f:
         table = pacsv.read_csv(f)
     columns = {}
     for name, kind in zip(table.column_names, table.schema.types):

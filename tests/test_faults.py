@@ -1,0 +1,148 @@
+"""Object storage that fails the way real storage does, through a fault-injecting proxy in front
+of moto's S3 server (tests/faulty_s3.py): passing faults are retried and leave no trace in the
+outputs; a fault that does not pass fails the stage, names the object, commits nothing, and a
+rerun completes it."""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+import s3fs
+from faulty_s3 import FaultyS3
+
+from engine.errors import StorageFault, passing_fault, storage_fault
+from engine.miniature import synth
+from engine.video import VideoError
+
+REPO = Path(__file__).resolve().parents[1]
+# Files whose bytes hold times, hosts or Ray's own bookkeeping; their content is compared below.
+VOLATILE = ("stage.json", ".stats.json", "metrics.jsonl", "result.json", "/ray/")
+
+
+def stages(endpoint: str, prefix: str, release: str, env: dict | None = None, steps=("shard", "features", "train")):
+    """Shard, features and keystep training on S3 through ``endpoint``, by the CLI as users run
+    it; the last command's process."""
+    env = {**os.environ, "AWS_ENDPOINT_URL": endpoint, **(env or {})}
+    commands = {"shard": ["shard", release, f"{prefix}/shards", "--window", "2", "--shard-mb", "0.3"],
+                "features": ["features", f"{prefix}/shards", f"{prefix}/features"],
+                "train": ["train", "keystep_recognition", f"{prefix}/features", f"{prefix}/keystep", "--epochs", "3"]}
+    for step in steps:
+        proc = subprocess.run([sys.executable, "-m", "engine", *commands[step]], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=600)
+        if proc.returncode != 0:
+            return proc
+    return proc
+
+
+def contents(fs: s3fs.S3FileSystem, prefix: str) -> dict[str, bytes]:
+    """Every output object under ``prefix`` by its relative name, except Ray Train's own folder."""
+    fs.invalidate_cache()
+    return {p[len(prefix):]: fs.cat_file(p) for p in fs.find(prefix) if "/ray/" not in p}
+
+
+def comparable(files: dict[str, bytes]) -> dict:
+    """What must not change between runs: every byte of the data files; of the records, what they
+    say about the data (not times, hosts or nodes)."""
+    out = {}
+    for name, data in files.items():
+        if not name.endswith(VOLATILE):
+            out[name] = data
+        elif name.endswith(".stats.json"):
+            stats = json.loads(data)
+            out[name] = {k: stats[k] for k in ("samples", "bytes", "takes", "failures", "problems", "rows")}
+        elif name.endswith("result.json") and "/keystep/" in name:
+            out[name] = json.loads(data)["val"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def release_on_s3(tmp_path_factory, s3_endpoint):
+    """A small procedural release (keystep labels in train and val) in a bucket of its own."""
+    root = tmp_path_factory.mktemp("faults") / "release"
+    synth.generate(root, preset="tiny", takes=6, seconds=4.0, seed=5, scenarios=["Cooking", "Health"])
+    fs = s3fs.S3FileSystem(key="testing", secret="testing", endpoint_url=s3_endpoint)
+    bucket = f"faults-{uuid.uuid4().hex[:8]}"
+    fs.mkdir(bucket)
+    fs.put(str(root), f"{bucket}/release", recursive=True)
+    return fs, bucket
+
+
+@pytest.fixture(scope="module")
+def clean_run(release_on_s3, s3_endpoint):
+    fs, bucket = release_on_s3
+    proc = stages(s3_endpoint, f"s3://{bucket}/clean", f"s3://{bucket}/release")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return contents(fs, f"{bucket}/clean")
+
+
+def test_passing_faults_are_retried_and_the_outputs_equal_a_clean_run(release_on_s3, clean_run, s3_endpoint):
+    fs, bucket = release_on_s3
+    with FaultyS3(s3_endpoint, seed=0, reset=0.05, slow_down=0.05) as proxy:
+        proc = stages(proxy.url, f"s3://{bucket}/faulty", f"s3://{bucket}/release")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # Faults of both kinds hit reads and writes (and a GET cut off in the middle of its body).
+    assert proxy.injected["reset"] >= 10 and proxy.injected["slow_down"] >= 10, proxy.injected
+    faulty = contents(fs, f"{bucket}/faulty")
+    assert sorted(faulty) == sorted(clean_run)
+    assert comparable(faulty) == comparable(clean_run)
+    assert any(name.endswith(".tar") for name in faulty) and any(name.endswith(".pt") for name in faulty)
+    for name in ("/shards/rejects.json", "/features/rejects.json"):
+        assert json.loads(faulty[name]) == []
+
+
+def test_a_fault_that_does_not_pass_fails_the_stage_naming_the_object_and_a_rerun_completes_it(
+        release_on_s3, clean_run, s3_endpoint):
+    fs, bucket = release_on_s3
+    take = sorted(fs.ls(f"{bucket}/release/takes"))[2].rsplit("/", 1)[1]
+    video = f"{bucket}/release/takes/{take}/frame_aligned_videos/downscaled/448/cam02.mp4"
+    # Every read of one video answers 503 (its size, read while planning, still answers).
+    # Fewer client attempts keep the test short; the give-up path is the same.
+    with FaultyS3(s3_endpoint, fail=f"GET /{video}$") as proxy:
+        failed = stages(proxy.url, f"s3://{bucket}/broken", f"s3://{bucket}/release", env={"AWS_MAX_ATTEMPTS": "2"},
+                        steps=("shard",))
+    assert proxy.failed_paths == {f"/{video}"}
+    assert failed.returncode == 1, failed.stderr[-3000:]
+    assert f"ee4d shard: s3://{video}: storage kept failing (OSError: [Errno {errno.EBUSY}]" in failed.stderr
+    assert "nothing was committed" in failed.stderr
+    # Nothing committed: the stage record is a claim, not a done record; no manifest; no take rejected.
+    record = json.loads(fs.cat_file(f"{bucket}/broken/shards/stage.json"))
+    assert record["status"] == "running"
+    assert not fs.exists(f"{bucket}/broken/shards/manifest.parquet")
+    assert not fs.exists(f"{bucket}/broken/shards/rejects.json")
+
+    rerun = stages(s3_endpoint, f"s3://{bucket}/broken", f"s3://{bucket}/release", steps=("shard",))
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    planned, done, todo = map(int, re.search(r"(\d+) shards planned, (\d+) already done, (\d+) to write",
+                                             rerun.stdout + rerun.stderr).groups())
+    assert done > 0 and todo > 0 and done + todo == planned      # the shards that were finished are kept
+    shards = {k: v for k, v in comparable(contents(fs, f"{bucket}/broken")).items() if k.startswith("/shards/")}
+    assert shards == {k: v for k, v in comparable(clean_run).items() if k.startswith("/shards/")}
+
+
+def test_which_errors_are_passing_storage_faults():
+    busy = OSError(errno.EBUSY, "Please reduce your request rate.")     # s3fs's 503 SlowDown
+    assert passing_fault(busy) is busy
+    assert passing_fault(ConnectionResetError()) is not None
+    assert passing_fault(TimeoutError()) is not None
+    assert passing_fault(FileNotFoundError(errno.ENOENT, "no such key")) is None
+    assert passing_fault(VideoError("truncated")) is None
+    assert passing_fault(ValueError("bad json")) is None
+    try:                                          # found under another error that it caused
+        try:
+            raise busy
+        except OSError as e:
+            raise RuntimeError("decode failed") from e
+    except RuntimeError as e:
+        assert passing_fault(e) is busy
+    # Ray Data gives the driver a task's error as text: the fault is found in it.
+    fault = StorageFault.at("s3://b/k.mp4", busy)
+    wrapped = RuntimeError(f"UDF failed\nTraceback ...\nengine.errors.StorageFault: {fault}\n\nmore")
+    assert str(storage_fault(wrapped)) == str(fault)
+    assert storage_fault(RuntimeError("UDF failed: ValueError")) is None

@@ -1,6 +1,7 @@
 """Official metrics against values worked out by hand."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from engine.tasks.metrics import detection_map, majority_class, point_detection_ap, top1_accuracy
@@ -26,9 +27,11 @@ def test_point_detection_ap_by_hand():
     # Two predictions near one truth: the second is a false positive.
     assert point_detection_ap([("A", 1.0, 0.9), ("A", 1.1, 0.8)], [("A", 1.0)], 0.25) == 1.0
     assert point_detection_ap([("A", 1.1, 0.8), ("A", 1.0, 0.9)], [("A", 1.0)], 0.25) == 1.0
-    # Ties keep submission order: miss first gives 1/2, hit first gives 1.
-    assert point_detection_ap([("A", 9.0, 0.5), ("A", 1.0, 0.5)], [("A", 1.0)], 0.25) == 0.5
-    assert point_detection_ap([("A", 1.0, 0.5), ("A", 9.0, 0.5)], [("A", 1.0)], 0.25) == 1.0
+    # Equal scores rank as the official script ranks them, numpy's argsort reversed: a miss ranked
+    # first gives 1/2, a hit first gives 1.
+    for tied in ([("A", 9.0, 0.5), ("A", 1.0, 0.5)], [("A", 1.0, 0.5), ("A", 9.0, 0.5)]):
+        first = tied[int(np.argsort([0.5, 0.5])[::-1][0])]
+        assert point_detection_ap(tied, [("A", 1.0)], 0.25) == (1.0 if first[1] == 1.0 else 0.5)
     # The right time in the wrong take does not match.
     assert point_detection_ap([("B", 1.0, 0.9)], [("A", 1.0)], 0.25) == 0.0
     assert point_detection_ap([], [("A", 1.0)], 0.25) == 0.0              # empty predictions

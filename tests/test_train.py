@@ -11,10 +11,13 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from engine import cli
 from engine.features import job as feature_job
+from engine.release import Release
+from engine.release.catalog import PROFICIENCY_LEVELS
 from engine.shards import job as shard_job
 from engine.shards.plan import ShardConfig
 from engine.tasks import TASKS, TrainConfig
@@ -36,31 +39,66 @@ def test_keystep_evaluation_counts_missing_as_wrong_and_ignores_unknown_segments
     assert task.evaluate({"segments": []}, truth)["top1"] == 0.0
 
 
-def test_demonstrator_evaluation_averages_clip_and_view_probabilities():
+def _logits(*probs) -> list[list[float]]:
+    return [list(np.log(p)) for p in probs]
+
+
+def test_demonstrator_evaluation_weighs_views_as_the_official_script():
     task = TASKS["demonstrator_proficiency"]()
-    truth = {"takes": {"A": 0, "B": 2}}
+    truth = {"takes": {"A": 1, "B": 3, "C": 2}}
+    ego, exo = [0.85, 0.05, 0.05, 0.05], [0.25, 0.65, 0.05, 0.05]
     submission = {"takes": {
-        # A: ego clips say 0 then weakly 1 (mean favours 0); exo views say 3 and 3.
-        "A": {"ego": [[5, 0, 0, 0], [0, 1, 0, 0]], "exo": [[[0, 0, 0, 4], [0, 0, 0, 4]], [[0, 0, 0, 4], [0, 0, 0, 4]]]},
-        "B": {"ego": [[0, 0, 3, 0]], "exo": []},          # no exo: exo counts as wrong, ego+exo is ego
-        "Z": {"ego": [[1, 0, 0, 0]], "exo": []}}}          # unknown take: ignored
+        # A: ego+exo is ego and each of four exo views with equal weight: class 1 by 0.53 to 0.37
+        # (half ego, half the exo mean would give class 0).
+        "A": {"ego": _logits(ego), "exo": {cam: _logits(exo) for cam in ("cam01", "cam02", "cam03", "cam04")}},
+        # B: exo averages each view's clips first, then the views: cam01's three clips say 2, cam02's
+        # one clip says 3 firmly; per view (0.355 vs 0.535) gives 3, all clips pooled would give 2.
+        "B": {"ego": [], "exo": {"cam01": _logits(*[[0.1, 0.1, 0.7, 0.1]] * 3), "cam02": _logits([0.01, 0.01, 0.01, 0.97])}},
+        "Z": {"ego": _logits(ego), "exo": {}}}}         # unknown take: ignored; C: no prediction, wrong
     result = task.evaluate(submission, truth)
-    assert result["top1_ego"] == 1.0 and result["top1_exo"] == 0.0
-    # A ego+exo: mean of ego probs (~[.50, .17, .14, .14]) and exo probs (~[.02, .02, .02, .95]) -> 3.
-    assert result["top1_ego_exo"] == 0.5 and result["ignored"] == 1
+    assert result["top1_ego_exo"] == pytest.approx(2 / 3)          # A and B right, C missing
+    assert result["top1_ego"] == 0.0                                # A's ego says 0, B has no ego, C missing
+    assert result["top1_exo"] == pytest.approx(2 / 3)
+    assert result["takes"] == 3 and result["ignored"] == 1
+
+
+def test_demonstrator_official_files_take_names_in_the_ground_truth_order(learn_release):
+    release = Release.open(str(learn_release))
+    task = TASKS["demonstrator_proficiency"]()
+    entries = release.demonstrator_proficiency("val")
+    names = {t.take_uid: t.take_name for t in release.takes()}
+    probs = [0.1, 0.2, 0.3, 0.4]
+    # Every take predicted but the first; the file lists the predicted takes in the annotation order.
+    submission = {"takes": {e.take_uid: {"ego": _logits(probs, probs), "exo": {"cam02": _logits(probs), "cam01": _logits(probs)}}
+                            for e in reversed(entries[1:])}}
+    files = task.official_files(submission, release, "val")
+    predicted = files["official_submission_val.json"]
+    assert list(predicted) == ["videos", "ego_model_predictions", "exo_model_predictions"]
+    assert predicted["videos"] == [names[e.take_uid] for e in entries[1:]]
+    assert all(np.allclose(np.exp(v), probs, atol=1e-5) for v in predicted["ego_model_predictions"])
+    assert all(np.asarray(v).shape == (2, 4) for v in predicted["exo_model_predictions"])
+    truth = files["official_ground_truth_val.json"]
+    assert truth["videos"] == [names[e.take_uid] for e in entries]
+    assert truth["gt_annotations"] == [PROFICIENCY_LEVELS.index(e.proficiency_score) for e in entries]
+    assert truth["scenario_names"] == [e.scenario_name for e in entries]
 
 
 def test_demonstration_evaluation_is_the_detection_map_of_its_points():
     task = TASKS["demonstration_proficiency"]()
     truth = {"takes": {"A": {"good_executions": [1.0, 5.0], "tips_for_improvement": [3.0], "duration": 7.0}}}
     submission = {"takes": {"A": {"good_executions": [{"video_time": 1.1, "score": 0.9}, {"video_time": 5.2, "score": 0.7}],
-                                  "tips_for_improvement": []},
-                            "Z": {"good_executions": [{"video_time": 1.0, "score": 1.0}]}}}
+                                  "tips_for_improvement": []}}}
     result = task.evaluate(submission, truth)
     expected = detection_map({"good_executions": [("A", 1.1, 0.9), ("A", 5.2, 0.7)], "tips_for_improvement": []},
                              {"good_executions": [("A", 1.0), ("A", 5.0)], "tips_for_improvement": [("A", 3.0)]})
-    assert {k: result[k] for k in expected} == expected and result["ignored"] == 1
+    assert {k: result[k] for k in expected} == expected and result["unknown_takes"] == 0
     assert result["mAP@0.25"] == 0.5                        # good executions all found, no tip found
+    # A detection in a take the truth does not hold is a false positive, as in the official script:
+    # ranked first, it leaves precision 1/2 and 2/3 at the two hits, so good executions' AP is 2/3.
+    submission["takes"]["Z"] = {"good_executions": [{"video_time": 1.0, "score": 1.0}]}
+    result = task.evaluate(submission, truth)
+    assert result["unknown_takes"] == 1
+    assert result["mAP@0.25"] == pytest.approx((2 / 3 + 0) / 2)
 
 
 # ----------------------------------------------------------------------------- training on Ray Train
@@ -90,7 +128,8 @@ def _train_and_check(task: str, features: Path, release: Path, out: Path, capsys
     config = TrainConfig(**{"epochs": 30, "patience": 30, **config})
     result = run(TASKS[task](), str(features), str(out), config, progress=False)
     metric = TASKS[task].metric
-    assert result["val_examples"] > 0 and result["val"]["ignored"] == 0
+    assert result["val_examples"] > 0
+    assert result["val"].get("ignored", 0) == 0 and result["val"].get("unknown_takes", 0) == 0
     capsys.readouterr()
     assert cli.main(["evaluate", task, "--predictions", str(out / "submission_val.json"), "--release", str(release)]) == 0
     assert json.loads(capsys.readouterr().out)[metric] == result["val"][metric]
@@ -112,6 +151,24 @@ def test_demonstrator_proficiency_beats_the_majority_class(learn_features, learn
     result = _train_and_check("demonstrator_proficiency", learn_features, learn_release, tmp_path / "demonstrator",
                               capsys)
     assert result["val"]["top1_ego_exo"] > result["baselines"]["majority"]
+    # The files for the official script score the same when read its way: one 4-vector per view,
+    # softmax, ego alone / exo views averaged / ego and each exo view averaged with equal weight.
+    predicted = json.loads((tmp_path / "demonstrator" / "official_submission_val.json").read_text())
+    truth = json.loads((tmp_path / "demonstrator" / "official_ground_truth_val.json").read_text())
+    assert predicted["videos"] == truth["videos"]
+
+    def softmax(v):
+        e = np.exp(np.asarray(v) - np.max(v))
+        return e / e.sum()
+
+    def accuracy(pick):
+        return np.mean([np.argmax(pick(ego, exo)) == label for ego, exo, label in zip(
+            predicted["ego_model_predictions"], predicted["exo_model_predictions"], truth["gt_annotations"])])
+
+    assert accuracy(lambda ego, exo: softmax(ego)) == pytest.approx(result["val"]["top1_ego"])
+    assert accuracy(lambda ego, exo: np.mean([softmax(v) for v in exo], axis=0)) == pytest.approx(result["val"]["top1_exo"])
+    assert accuracy(lambda ego, exo: np.mean([softmax(ego)] + [softmax(v) for v in exo], axis=0)) == \
+        pytest.approx(result["val"]["top1_ego_exo"])
 
 
 def test_demonstration_proficiency_beats_uniform_detections(physical_features, physical_release, tmp_path, capsys):

@@ -115,6 +115,11 @@ class Task:
         """Trivial baselines on the split, scored by evaluate()."""
         raise NotImplementedError
 
+    def official_files(self, submission: dict, release, split: str) -> dict[str, dict]:
+        """Files for an official scorer whose input differs from our submission (name -> JSON),
+        written beside it; none by default."""
+        return {}
+
 
 def build_head(scale: np.ndarray, classes: int, hidden: int, dropout: float):
     """An MLP whose first step standardizes each feature with the train set's mean and std

@@ -4,7 +4,7 @@
   baseline beside it;
 - mAP of temporal point detection (demonstration proficiency): a predicted time matches an
   unmatched ground-truth time of the same take and class within an L1 distance threshold,
-  predictions taken by descending score; AP is the area under the precision envelope
+  predictions taken by descending score (ranked as the official script ranks them); AP is the area under the precision envelope
   (all-point interpolation); mAP averages classes with ground truth, then thresholds
   (0.25, 0.5 and 1.0 s).
 """
@@ -40,9 +40,12 @@ def point_detection_ap(predictions: Sequence[tuple[str, float, float]], truths: 
                        threshold: float) -> float | None:
     """AP of (take_uid, time, score) predictions against (take_uid, time) truths of one class.
 
-    Each prediction, by descending score (ties keep submission order), takes the nearest
-    unmatched truth of its take within ``threshold`` seconds, or counts as a false positive.
-    None when the class has no truth (it then takes no part in the mean).
+    Each prediction, by descending score, takes the nearest unmatched truth of its take within
+    ``threshold`` seconds, or counts as a false positive (so does any prediction in a take
+    without truth). Predictions are ranked as the official script ranks them, numpy's default
+    argsort of the scores reversed: equal scores come out in the order that gives (for a few
+    predictions, the later one first). None when the class has no truth (it then takes no part
+    in the mean).
     """
     if not truths:
         return None
@@ -50,7 +53,7 @@ def point_detection_ap(predictions: Sequence[tuple[str, float, float]], truths: 
     for take, time in truths:
         by_take.setdefault(take, []).append(time)
     used = {take: np.zeros(len(times), bool) for take, times in by_take.items()}
-    order = sorted(range(len(predictions)), key=lambda i: -predictions[i][2])
+    order = np.argsort(np.asarray([p[2] for p in predictions], float))[::-1]
     hits = []
     for i in order:
         take, time, _ = predictions[i]

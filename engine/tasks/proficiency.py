@@ -2,18 +2,25 @@
 improve (demonstration).
 
 Demonstrator: four classes (Novice .. Late Expert) per take. Examples are clips of
-``CLIP_WINDOWS`` consecutive feature windows, mean-pooled, from every view; a take's prediction
-averages its clips' class probabilities: ego clips for ego, every exo view's clips for exo,
-both for ego+exo. Submission, as the official evaluation script takes it: ``{"task", "split",
-"takes": {take_uid: {"ego": N x 4 logits, "exo": N x views x 4 logits}}}``. Metrics: top-1 for
-ego, exo and ego+exo (early stopping uses ego+exo); a take without a prediction is wrong.
+``CLIP_WINDOWS`` consecutive feature windows, mean-pooled, from every view. Our submission keeps
+every clip: ``{"task", "split", "takes": {take_uid: {"ego": [clip logits], "exo": {cam_id: [clip
+logits]}}}}``. A view's class probabilities are its clips' softmax averaged; then, as the official
+demonstrator_proficiency/eval_script.py scores: ego is the ego view's; exo averages the exo views
+with equal weight; ego+exo averages the ego view and each exo view with equal weight (1/5 each
+with four exo cameras). Metrics: top-1 for ego, exo and ego+exo (early stopping uses ego+exo); a
+take without a prediction is wrong. Beside it the training run writes the file the official script
+reads (``official_submission_<split>.json``, one 4-vector per view: the log of its averaged
+probabilities, so the script's softmax gives them back) and, for a labelled split, the ground
+truth in the script's layout (``official_ground_truth_<split>.json``).
 
 Demonstration: temporal points of good executions and tips for improvement. Each ego feature
 window is classified as nothing, good execution or tip (the class of an event whose time falls
 in it); detections are the local maxima of a class's probability over a take's windows, at the
 window centres. Submission: ``{"task", "split", "takes": {take_uid: {"good_executions":
 [{"video_time", "score"}], "tips_for_improvement": [...]}}}``. Metric: mAP at L1 thresholds
-0.25, 0.5 and 1.0 s and their mean (``engine.tasks.metrics``).
+0.25, 0.5 and 1.0 s and their mean (``engine.tasks.metrics``); as in the official
+demonstration_proficiency/libs/utils/metrics.py, a detection in a take the ground truth does not
+hold is a false positive.
 """
 from __future__ import annotations
 
@@ -21,6 +28,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from engine.features import store
 from engine.release.catalog import PROFICIENCY_LEVELS
 from engine.tasks.base import Examples, Task, register
 from engine.tasks.metrics import detection_map, majority_class, top1_accuracy
@@ -35,6 +43,17 @@ EVENT_CLASSES = ("good_executions", "tips_for_improvement")
 def _softmax(logits: np.ndarray) -> np.ndarray:
     z = np.exp(logits - logits.max(axis=-1, keepdims=True))
     return z / z.sum(axis=-1, keepdims=True)
+
+
+def _view_probabilities(submission: dict) -> dict[str, tuple[np.ndarray | None, list[np.ndarray]]]:
+    """take_uid -> (the ego view's class probabilities or None, each exo view's, by camera): a
+    view's are its clips' softmax averaged."""
+    def view(clips) -> np.ndarray:
+        return _softmax(np.asarray(clips, float).reshape(-1, 4)).mean(axis=0)
+
+    return {uid: (view(entry["ego"]) if entry.get("ego") else None,
+                  [view(clips) for _, clips in sorted((entry.get("exo") or {}).items()) if clips])
+            for uid, entry in submission.get("takes", {}).items()}
 
 
 @register
@@ -64,42 +83,56 @@ class DemonstratorProficiency(Task):
 
     def submission(self, logits: np.ndarray, examples: Examples, split: str) -> dict:
         takes: dict[str, dict] = {}
-        for m, row in zip(examples.meta, logits):
-            entry = takes.setdefault(m["take_uid"], {"ego": {}, "exo": {}})
+        for m, row in sorted(zip(examples.meta, logits), key=lambda pair: pair[0]["clip"]):
+            entry = takes.setdefault(m["take_uid"], {"ego": [], "exo": {}})
             row = [round(float(v), 5) for v in row]
             if m["ego"]:
-                entry["ego"][m["clip"]] = row
+                entry["ego"].append(row)
             else:
-                entry["exo"].setdefault(m["clip"], {})[m["view"]] = row
-        out = {}
-        for uid, entry in takes.items():
-            out[uid] = {"ego": [entry["ego"][c] for c in sorted(entry["ego"])],
-                        "exo": [[views[v] for v in sorted(views)] for _, views in sorted(entry["exo"].items())]}
-        return {"task": self.name, "split": split, "takes": out}
+                entry["exo"].setdefault(store.parse_name(m["view"]).cam_id, []).append(row)
+        return {"task": self.name, "split": split, "takes": takes}
 
     def evaluate(self, submission: dict, truth: dict) -> dict:
         wanted = truth["takes"]
         preds = {"ego": {}, "exo": {}, "ego_exo": {}}
-        ignored = 0
-        for uid, entry in submission.get("takes", {}).items():
+        for uid, (ego, exo) in _view_probabilities(submission).items():
             if uid not in wanted:
-                ignored += 1
                 continue
-            ego = _softmax(np.asarray(entry.get("ego") or [], float).reshape(-1, 4)).mean(axis=0) \
-                if entry.get("ego") else None
-            exo = _softmax(np.asarray(entry.get("exo") or [], float).reshape(-1, 4)).mean(axis=0) \
-                if entry.get("exo") else None
             if ego is not None:
                 preds["ego"][uid] = int(np.argmax(ego))
-            if exo is not None:
-                preds["exo"][uid] = int(np.argmax(exo))
-            both = [p for p in (ego, exo) if p is not None]
-            if both:
-                preds["ego_exo"][uid] = int(np.argmax(np.mean(both, axis=0)))
+            if exo:
+                preds["exo"][uid] = int(np.argmax(np.mean(exo, axis=0)))
+            if ego is not None or exo:
+                preds["ego_exo"][uid] = int(np.argmax(np.mean(([ego] if ego is not None else []) + exo, axis=0)))
         keys = sorted(wanted)
         result = {f"top1_{k}": top1_accuracy([p.get(u, -1) for u in keys], [wanted[u] for u in keys])
                   for k, p in preds.items()}
+        ignored = sum(uid not in wanted for uid in submission.get("takes", {}))
         return dict(result, takes=len(keys), ignored=ignored)
+
+    def official_files(self, submission: dict, release, split: str) -> dict[str, dict]:
+        """The official script's two inputs: takes named and ordered as the split's annotation
+        file lists them; a take without a prediction is left out (the script then refuses the
+        file, as it would anyone's incomplete submission)."""
+        names = {t.take_uid: t.take_name for t in release.takes()}
+        entries = release.demonstrator_proficiency(split)
+        probabilities = _view_probabilities(submission)
+        predicted = [e for e in entries if e.take_uid in probabilities and probabilities[e.take_uid][0] is not None]
+
+        def logits(p: np.ndarray) -> list[float]:
+            return [round(float(v), 6) for v in np.log(np.maximum(p, 1e-12))]
+
+        files = {f"official_submission_{split}.json": {
+            "videos": [names.get(e.take_uid, e.take_uid) for e in predicted],
+            "ego_model_predictions": [logits(probabilities[e.take_uid][0]) for e in predicted],
+            "exo_model_predictions": [[logits(p) for p in probabilities[e.take_uid][1]] for e in predicted]}}
+        labelled = [e for e in entries if e.proficiency_score in PROFICIENCY_LEVELS]
+        if labelled and len(labelled) == len(entries):
+            files[f"official_ground_truth_{split}.json"] = {
+                "videos": [names.get(e.take_uid, e.take_uid) for e in entries],
+                "gt_annotations": [PROFICIENCY_LEVELS.index(e.proficiency_score) for e in entries],
+                "scenario_names": [e.scenario_name for e in entries]}
+        return files
 
     def baselines(self, train: Examples, truth: dict, split: str) -> dict:
         per_take = {m["take_uid"]: int(y) for m, y in zip(train.meta, train.y) if y >= 0}
@@ -166,17 +199,16 @@ class DemonstrationProficiency(Task):
         return {"task": self.name, "split": split, "takes": takes}
 
     def evaluate(self, submission: dict, truth: dict) -> dict:
+        """Detections in takes the truth does not hold count as false positives (``unknown_takes``
+        says how many such takes), as in the official script."""
         wanted = truth["takes"]
         predictions = {name: [] for name in EVENT_CLASSES}
-        ignored = 0
         for uid, entry in submission.get("takes", {}).items():
-            if uid not in wanted:
-                ignored += 1
-                continue
             for name in EVENT_CLASSES:
                 predictions[name] += [(uid, float(d["video_time"]), float(d["score"])) for d in entry.get(name, [])]
         truths = {name: [(uid, t) for uid, take in wanted.items() for t in take[name]] for name in EVENT_CLASSES}
-        return dict(detection_map(predictions, truths), takes=len(wanted), ignored=ignored)
+        unknown = sum(uid not in wanted for uid in submission.get("takes", {}))
+        return dict(detection_map(predictions, truths), takes=len(wanted), unknown_takes=unknown)
 
     def baselines(self, train: Examples, truth: dict, split: str) -> dict:
         """uniform: a detection of each class every second, all with the same score; random: as

@@ -43,7 +43,9 @@ def _result(record: dict) -> dict:
     res = storage.read_json(fs, storage.join(path, "result.json"))
     with fs.open(storage.join(path, "metrics.jsonl"), "rb") as f:
         history = [json.loads(line) for line in f.read().decode().splitlines() if line.strip()]
-    submissions = [n for n in ("submission_val.json", "submission_test.json") if fs.exists(storage.join(path, n))]
+    submissions = [n for n in ("submission_val.json", "submission_test.json", "official_submission_val.json",
+                               "official_ground_truth_val.json", "official_submission_test.json")
+                   if fs.exists(storage.join(path, n))]
     return {**out, "metric": res["metric"], "value": res["val"][res["metric"]], "val": res["val"],
             "baselines": res["baselines"], "best_epoch": res["best_epoch"], "epochs_run": res["epochs_run"],
             "val_examples": res["val_examples"], "train_examples": res["train_examples"], "history": history,

@@ -112,8 +112,23 @@ def test_sample_carries_annotations_and_sensors(default_release, tmp_path):
         trajectory = clip["trajectory"]
         assert list(trajectory) == meta["sensors"]["trajectory"]["columns"]
         assert trajectory["tracking_timestamp_us"].dtype == np.int64
-        seconds = trajectory["tracking_timestamp_us"] / 1e6
+        # The device clock is not the take's (minutes apart here); timesync.csv maps one to the other.
+        seconds = trajectory["take_time_s"]
         assert len(seconds) and (seconds >= t0).all() and (seconds < t1).all()
+        assert (trajectory["tracking_timestamp_us"] / 1e6 > t1 + 60).all()
+        assert abs(len(seconds) - 100 * (t1 - t0)) <= 1                    # 100 Hz, every sample kept once
+        # Each trajectory sample lands on its frame: the device position there is the Aria camera's
+        # centre in that frame's camera pose.
+        poses = dense.ego_extrinsics(clip["arrays"]["camera_pose"], meta["arrays"]["camera_pose"])
+        compared = 0
+        for k, t in enumerate(seconds):
+            frame = int(np.floor(t * 30 + 1e-4))
+            if frame in poses:
+                R, translation = poses[frame][:, :3].astype(np.float64), poses[frame][:, 3].astype(np.float64)
+                position = [trajectory[f"t{axis}_world_device"][k] for axis in "xyz"]
+                np.testing.assert_allclose(position, -R.T @ translation, atol=2e-3)
+                compared += 1
+        assert compared >= len(seconds) // 2
         assert ann["proficiency_demonstrator"]["proficiency_score"]
         for seg in ann["keystep_segments"]:
             assert seg["start_time"] < t1 and seg["end_time"] > t0 and seg["label_id"] is not None
@@ -381,3 +396,23 @@ def test_a_truncated_annotation_file_costs_only_its_annotations(tiny_release, da
         assert meta["annotations"] == clean_meta["annotations"]
         assert "relations" not in meta["arrays"] and meta["views"] == clean_meta["views"]
     assert lost > 0          # the relations arrays are what the truncated file took away
+
+
+def test_without_its_timesync_a_take_keeps_its_video_and_loses_only_its_sensors(damaged, tmp_path, local_ray):
+    """Trajectory and gaze are stamped with the device clock; without timesync.csv there is no
+    way onto the take's clock, so they are left out (not sliced wrongly) and the file is named."""
+    release = Release.open(str(damaged))
+    take = release.takes()[0]
+    capture = take.raw["capture"]["capture_name"]
+    (damaged / "captures" / capture / "timesync.csv").unlink()
+    result = job.run(str(damaged), str(tmp_path / "shards"), ShardConfig(window=1.0, shard_mb=0.3), progress=False)
+    assert result["rejects"] == 0
+    problems = json.loads((tmp_path / "shards" / "problems.json").read_text())
+    assert problems == [{"file": f"captures/{capture}/timesync.csv",
+                         "reason": f"captures/{capture}/timesync.csv: not found; trajectory and eye gaze left out"}]
+    samples = _samples(sorted(glob.glob(str(tmp_path / "shards" / "*" / "*.tar"))))
+    for sample in samples:
+        mine = json.loads(sample["json"])["take"]["take_uid"] == take.take_uid
+        assert ("trajectory.npz" in sample) != mine and ("gaze.npz" in sample) != mine
+        assert "ego.mp4" in sample
+    assert any(json.loads(s["json"])["take"]["take_uid"] == take.take_uid for s in samples)

@@ -31,6 +31,13 @@ its events appear only in the annotation files and the pixels.
 Conventions: frame-aligned video at 30 fps, all views of a take with the same frame count;
 trajectory at 100 Hz (the real one is 1 kHz); manual ego-pose annotations every 10th frame
 from frame 5, automatic ones every 2nd frame, numbered in the take's 30 fps frame indices.
+
+Clocks, as in the real release: trajectory and eye gaze are stamped with the Aria device clock
+(``tracking_timestamp_us``), which is not the take's. The capture's ``timesync.csv`` gives the
+device time of every synchronized frame (``aria01_214-1_capture_timestamp_ns``), and the take is
+rows ``timesync_start_idx + 1`` .. ``timesync_end_idx - 1`` of it. Here the device clock starts
+``DEVICE_CLOCK_OFFSET_NS`` before the capture's first row and runs ``DEVICE_CLOCK_RATE`` times as
+fast as the GoPros' clock, so a reader that took device time for take time would be minutes off.
 """
 from __future__ import annotations
 
@@ -65,6 +72,9 @@ from engine.release.masks import encode_mask
 from engine.video import VideoWriter
 
 FPS = mo.FPS
+DEVICE_CLOCK_OFFSET_NS = 123_456_789_000      # device time at the capture's first timesync row
+DEVICE_CLOCK_RATE = 1.0005                     # device seconds per capture second
+TIMESYNC_LEAD = FPS                            # capture rows before a take's first frame
 DOWNSCALED = 448
 AUDIO_RATE = 48000
 EXO_CAMS = ("cam01", "cam02", "cam03", "cam04")
@@ -351,6 +361,17 @@ def _quaternion(R: np.ndarray) -> tuple[float, float, float, float]:
     return float(x), float(y), float(z), float(w)
 
 
+def device_ns(row: float) -> int:
+    """The Aria device clock at (fractional) timesync row ``row``, in nanoseconds."""
+    return DEVICE_CLOCK_OFFSET_NS + round(row / FPS * 1e9 * DEVICE_CLOCK_RATE)
+
+
+def _device_us(take_seconds: float) -> int:
+    """The device clock (tracking_timestamp_us) at a time on the take's clock; the take's frame 0
+    is timesync row TIMESYNC_LEAD + 1."""
+    return device_ns(TIMESYNC_LEAD + 1 + take_seconds * FPS) // 1000
+
+
 def _write_sensors(plan: TakePlan, tdir: Path, state: sc.SceneState, cams, audio: np.ndarray) -> None:
     """Trajectory (device = the Aria RGB camera here), GoPro calibration, eye gaze, audio."""
     traj = tdir / "trajectory"
@@ -368,7 +389,7 @@ def _write_sensors(plan: TakePlan, tdir: Path, state: sc.SceneState, cams, audio
         for ts, i in zip(times, frames):
             R, t = ego.pose(i)
             centre = sc.camera_centre(R, t)
-            w.writerow([plan.capture_uid, int(ts * 1e6), int(1.7e18 + ts * 1e9), *np.round(centre, 5),
+            w.writerow([plan.capture_uid, _device_us(ts), int(1.7e18 + ts * 1e9), *np.round(centre, 5),
                         *np.round(_quaternion(R.T), 6), 0.0, 0.0, -9.81, 1.0])
     with open(traj / "gopro_calibs.csv", "w", newline="") as f:
         w = csv.writer(f)
@@ -388,7 +409,7 @@ def _write_sensors(plan: TakePlan, tdir: Path, state: sc.SceneState, cams, audio
         for i in range(0, plan.n_frames, 3):  # 10 Hz
             R, t = ego.pose(i)
             target = sc.transform(state.held[i], R, t)
-            w.writerow([int(i / FPS * 1e6), round(float(np.arctan2(target[0], target[2])), 5),
+            w.writerow([_device_us(i / FPS), round(float(np.arctan2(target[0], target[2])), 5),
                         round(float(np.arctan2(-target[1], target[2])), 5), round(float(np.sqrt((target * target).sum())), 4)])
     audio_dir = tdir / "audio"
     audio_dir.mkdir(exist_ok=True)
@@ -537,7 +558,7 @@ def _take_record(plan: TakePlan) -> dict:
         "task_end_sec": None if plan.index % 4 == 3 else plan.seconds,
         "best_exo": plan.best_exo, "is_dropped": False, "is_narrated": plan.index % 2 == 0,
         "validated": True, "university_name": plan.university, "physical_setting_uid": plan.physical_setting_uid,
-        "timesync_start_idx": FPS, "timesync_end_idx": FPS + plan.n_frames,
+        "timesync_start_idx": TIMESYNC_LEAD, "timesync_end_idx": TIMESYNC_LEAD + plan.n_frames + 1,
         "capture": capture, "has_trimmed_vrs": True,
         "vrs_relative_path": f"takes/{plan.take_name}/{EGO_CAM}_noimagestreams.vrs",
         "frame_aligned_videos": fav,
@@ -571,9 +592,10 @@ def _write_metadata(root: Path, plans: list[TakePlan]) -> None:
         cams = [f"{EGO_CAM}_{EGO_STREAM}"] + list(EXO_CAMS)
         with open(path, "w", newline="") as f:
             w = csv.writer(f)
-            w.writerow([c for cam in cams for c in (f"{cam}_pts", f"{cam}_frame_number")])
-            for k in range(plan.n_frames + 2 * FPS):
-                w.writerow([v for _ in cams for v in (k * 1001 // FPS * 1000, k)])
+            w.writerow([c for cam in cams for c in (f"{cam}_pts", f"{cam}_frame_number")]
+                       + [f"{EGO_CAM}_{EGO_STREAM}_capture_timestamp_ns"])
+            for k in range(plan.n_frames + 2 * TIMESYNC_LEAD + 1):
+                w.writerow([v for _ in cams for v in (k * 1001 // FPS * 1000, k)] + [device_ns(k)])
 
 
 def _write_annotations(root: Path, plans: list[TakePlan], relations: list[dict], seed: int) -> None:

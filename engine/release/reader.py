@@ -13,6 +13,7 @@ import csv
 import dataclasses
 import io
 import json
+import math
 import posixpath
 from collections.abc import Callable
 from typing import Any
@@ -223,3 +224,41 @@ class Release:
 
     def camera_pose(self, split: str, take_uid: str) -> rec.CameraPose:
         return rec.parse_camera_pose(self.read_json(f"annotations/ego_pose/{split}/camera_pose/{take_uid}.json"))
+
+    # ------------------------------------------------------------------ clocks
+
+    def frame_clock(self, take: rec.Take) -> list[int]:
+        """The Aria device time (ns) of each of the take's frames, the clock its trajectory and
+        eye gaze are stamped with: column ``<ego cam>_<stream>_capture_timestamp_ns`` of its
+        capture's timesync.csv, rows timesync_start_idx + 1 .. timesync_end_idx - 1. Anything
+        missing or unusable raises ReleaseError naming the file."""
+        capture = take.raw.get("capture") if isinstance(take.raw.get("capture"), dict) else {}
+        relative = f"captures/{capture.get('capture_name')}/timesync.csv"
+        ego, start, end = take.ego_view, take.raw.get("timesync_start_idx"), take.raw.get("timesync_end_idx")
+        if ego is None or not isinstance(start, int) or not isinstance(end, int) or not capture.get("capture_name"):
+            raise ReleaseError(f"take {take.take_name}: no ego view, capture_name or timesync_start_idx/end_idx "
+                               "to find its frames in timesync.csv", "takes.json")
+        column = f"{ego.cam_id}_{ego.stream_id}_capture_timestamp_ns"
+
+        def device_ns(value: str | None) -> int | None:
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                return None
+            return int(number) if math.isfinite(number) else None
+
+        def load():
+            try:
+                with storage.faults_named(storage.join(self.url, relative)), self.open_file(relative) as f:
+                    rows = list(csv.DictReader(io.TextIOWrapper(f, encoding="utf-8")))
+            except FileNotFoundError:
+                raise ReleaseError(f"{relative}: not found", relative) from None
+            if rows and column not in rows[0]:
+                raise ReleaseError(f"{relative}: no column {column}", relative)
+            return [device_ns(r[column]) for r in rows]
+
+        times = self._cached(("timesync", relative, column), load)[start + 1:end]
+        if len(times) < 2 or None in times or any(b <= a for a, b in zip(times, times[1:])):
+            raise ReleaseError(f"{relative}: rows {start + 1}..{end - 1} of {column} are not increasing device "
+                               f"times for take {take.take_name}", relative)
+        return times

@@ -73,14 +73,55 @@ class TakeSource:
             raise BadTake(f"views disagree on frame count: {counts}")
         problems = []
         annotations = _take_annotations(release, take, split, problems)
+        trajectory, gaze = _sensors(release, take, problems)
         return cls(take, split, views, next(iter(counts.values())), annotations, dense.TakeDense.from_annotations(annotations),
-                   _csv(release, f"{take.root_dir}/trajectory/closed_loop_trajectory.csv"),
-                   _csv(release, f"{take.root_dir}/eye_gaze/general_eye_gaze.csv"), problems)
+                   trajectory, gaze, problems)
+
+
+def _sensors(release: Release, take: rec.Take, problems: list[dict]):
+    """The take's trajectory and eye gaze, each with ``take_time_s``: its device timestamps
+    (``tracking_timestamp_us``) put on the take's clock through timesync.csv. Without a usable
+    timesync the sensors are left out and the reason goes to ``problems``: sliced on the wrong
+    clock they would be wrong."""
+    def problem(file: str, reason: str) -> None:
+        if {"file": file, "reason": reason} not in problems:
+            problems.append({"file": file, "reason": reason})
+
+    sensors = []
+    for relative in (f"{take.root_dir}/trajectory/closed_loop_trajectory.csv",
+                     f"{take.root_dir}/eye_gaze/general_eye_gaze.csv"):
+        sensor = _csv(release, relative)
+        if sensor is not None and "tracking_timestamp_us" not in sensor:
+            problem(relative, f"{relative}: no tracking_timestamp_us column; left out")
+            sensor = None
+        sensors.append(sensor)
+    if not any(sensors):
+        return sensors
+    try:
+        clock = np.asarray(release.frame_clock(take), np.float64)
+    except ReleaseError as e:
+        problem(e.file, f"{e}; trajectory and eye gaze left out")
+        return None, None
+    for sensor in sensors:
+        if sensor is not None:
+            sensor["take_time_s"] = on_take_clock(sensor["tracking_timestamp_us"] * 1e3, clock)
+    return sensors
+
+
+def on_take_clock(device_ns: np.ndarray, clock: np.ndarray) -> np.ndarray:
+    """Seconds on the take's clock of device times, given the device time of each take frame:
+    linear between frames, and beyond the first and last frame along the end intervals."""
+    frames = np.arange(len(clock)) / FPS
+    seconds = np.interp(device_ns, clock, frames)
+    before, after = device_ns < clock[0], device_ns > clock[-1]
+    seconds[before] = (device_ns[before] - clock[0]) * (frames[1] - frames[0]) / (clock[1] - clock[0])
+    seconds[after] = frames[-1] + (device_ns[after] - clock[-1]) * (frames[-1] - frames[-2]) / (clock[-1] - clock[-2])
+    return seconds
 
 
 def _csv(release: Release, relative: str) -> dict[str, np.ndarray] | None:
-    """The numeric columns of a sensor CSV by name, in file order (the device timestamp in
-    microseconds first), or None if absent. Integer columns (timestamps) stay int64; float
+    """The numeric columns of a sensor CSV by name, in file order (the device timestamp
+    ``tracking_timestamp_us`` first), or None if absent. Integer columns (timestamps) stay int64; float
     columns become float32, which keeps positions in metres to micrometres."""
     if not release.exists(relative):
         return None
@@ -171,7 +212,7 @@ def slice_annotations(ann: dict, t0: float, t1: float) -> dict:
 def _sensor_slice(sensor: dict[str, np.ndarray] | None, t0: float, t1: float) -> dict[str, np.ndarray] | None:
     if sensor is None:
         return None
-    seconds = next(iter(sensor.values())) / 1e6   # tracking_timestamp_us on the take's clock
+    seconds = sensor["take_time_s"]
     rows = (seconds >= t0) & (seconds < t1)
     return {name: column[rows] for name, column in sensor.items()}
 

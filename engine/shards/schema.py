@@ -9,7 +9,8 @@ One sample is one time window of one take with every selected view. Its tar memb
                         after it)
   <view>.NNNN.jpg       frames mode: one JPEG per kept frame, NNNN counting from 0000
   trajectory.npz        sensor slices: one array per numeric column of the release's CSV
-  gaze.npz              (integer timestamps int64, the rest float32)
+  gaze.npz              (integer timestamps int64, the rest float32), plus take_time_s (float64):
+                        each row's device timestamp on the take's clock, through timesync.csv
   audio.m4a             the ego audio: its AAC packets copied, an edit list trimming them to the window
   <family>.npz          dense annotations (``engine.shards.dense``): keypoints, camera poses,
                         object masks as numeric arrays, NaN where missing; ``arrays`` in the
@@ -157,7 +158,8 @@ class ViewMeta(_Part):
 class ArraySensor(_Part):
     """A sensor table's slice (trajectory, gaze): ``member`` holds one array [rows] per numeric
     column of the release's CSV, named as there: integer columns (timestamps; the first is the
-    device's, in microseconds) int64, the others float32."""
+    device's, in microseconds) int64, the others float32; and ``take_time_s`` (float64), the
+    device time on the take's clock (the window holds the rows with t0 <= take_time_s < t1)."""
     member: str
     columns: list[str]
     rows: int

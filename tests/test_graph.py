@@ -131,6 +131,12 @@ def test_a_rerun_reuses_every_stage_and_a_changed_task_reruns_only_it_and_the_re
 
     ee4d("run", "jobs/demo.yaml", "--out", str(demo_run), *sets(SMALL))    # back to the first values
     assert set(statuses(demo_run).values()) == {"reused"}
+    # The run folder shows the report of the stages this run used, though the report was reused.
+    for record in json.loads((demo_run / "run.json").read_text())["stages"]:
+        if record["stage"].startswith("task/"):
+            result = json.loads((Path(record["output"]) / "result.json").read_text())
+            assert reported_metrics(demo_run)[record["stage"][5:]] == \
+                f"{result['metric']} {result['val'][result['metric']]:.4f}", record["stage"]
 
 
 @pytest.mark.parametrize("notebook", sorted(p.name for p in (REPO / "notebooks").glob("*.ipynb")))

@@ -53,11 +53,26 @@ def write(params: ReportParams, inputs: dict, url: str, ctx: stages.Context) -> 
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(ctx.run_name)}: ee4d run"
             f"</title><style>{STYLE}</style></head><body>{body}</body></html>")
     fs, path = storage.filesystem(url)
-    out_fs, out_path = storage.filesystem(out)
-    here = posixpath.relpath(out_path, path) + "/"
-    storage.write_bytes_atomic(fs, storage.join(path, "report.html"), page.replace(ROOT, here).encode())
-    storage.write_bytes_atomic(out_fs, storage.join(out_path, "report.html"), page.replace(ROOT, "").encode())
+    storage.write_bytes_atomic(fs, storage.join(path, "report.html"), page.replace(ROOT, _to_run(url, out)).encode())
+    publish(url, out)
     return {"stages": len(records), "failed": sum(r["status"] in ("failed", "blocked") for r in records)}
+
+
+def _to_run(url: str, out: str) -> str:
+    """The relative path from the report stage's folder to the run folder."""
+    return posixpath.relpath(storage.filesystem(out)[1], storage.filesystem(url)[1]) + "/"
+
+
+def publish(url: str, out: str) -> None:
+    """``<run out>/report.html``: the page of the report stage at ``url``, its links made relative to
+    the run folder. A run that reuses the report stage publishes it again, so the run folder
+    always shows the report of the stages that run used."""
+    fs, path = storage.filesystem(url)
+    out_fs, out_path = storage.filesystem(out)
+    page = fs.cat_file(storage.join(path, "report.html")).decode().replace(f"href='{_to_run(url, out)}", "href='")
+    target = storage.join(out_path, "report.html")
+    if not out_fs.exists(target) or out_fs.cat_file(target) != page.encode():   # unchanged: left untouched
+        storage.write_bytes_atomic(out_fs, target, page.encode())
 
 
 STYLE = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#222}

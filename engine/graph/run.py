@@ -20,6 +20,7 @@ import traceback
 from engine import stage as stages
 from engine import storage
 from engine.errors import storage_fault
+from engine.graph.report import publish as publish_report
 from engine.graph.spec import Spec
 
 
@@ -116,6 +117,8 @@ def run(spec: Spec, out: str | None = None, address: str | None = None, progress
                 log(traceback.format_exc(limit=4))
             continue
         ctx.records[stage.name] = record
+        if record["status"] == "reused" and stage.kind.uses_all_stages:
+            publish_report(stage.url, out)      # the run folder shows this run's report
         if record["status"] == "reused":
             log(f"{at}: done before, reused ({stage.fingerprint})")
         else:

@@ -39,38 +39,42 @@ class StorageFault(Exception):
         return cls(f"{url}: {STORAGE_FAULT} ({type(cause).__name__}: {cause})")
 
 
-def passing_fault(exc: BaseException | None) -> BaseException | None:
-    """The passing storage fault in ``exc`` or its chain of causes, or None."""
+def _causes(exc: BaseException | None):
+    """``exc`` and the exceptions behind it (``cause``: how Ray's task errors hold theirs)."""
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        if isinstance(exc, (StorageFault, ConnectionError, TimeoutError)):
-            return exc
-        if isinstance(exc, OSError) and exc.errno in _PASSING_ERRNOS:
-            return exc
-        if {f"{c.__module__}.{c.__qualname__}" for c in type(exc).__mro__} & _PASSING_TYPES:
-            return exc
-        response = getattr(exc, "response", None)     # botocore's ClientError, untranslated
-        if isinstance(response, dict) and (
-                response.get("Error", {}).get("Code") in _PASSING_CODES
-                or response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) >= 500):
-            return exc
-        exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__   # ``cause``: Ray's task errors
-    return None
+        yield exc
+        exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
+
+
+def _is_passing(exc: BaseException) -> bool:
+    if isinstance(exc, (StorageFault, ConnectionError, TimeoutError)):
+        return True
+    if isinstance(exc, OSError) and exc.errno in _PASSING_ERRNOS:
+        return True
+    if {f"{c.__module__}.{c.__qualname__}" for c in type(exc).__mro__} & _PASSING_TYPES:
+        return True
+    response = getattr(exc, "response", None)     # botocore's ClientError, untranslated
+    return isinstance(response, dict) and (
+        response.get("Error", {}).get("Code") in _PASSING_CODES
+        or response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) >= 500)
+
+
+def passing_fault(exc: BaseException | None) -> BaseException | None:
+    """The passing storage fault in ``exc`` or its chain of causes, or None."""
+    return next((e for e in _causes(exc) if _is_passing(e)), None)
 
 
 def storage_fault(exc: BaseException) -> StorageFault | None:
     """The StorageFault behind ``exc``, or None. Ray Data hands the driver a task's error as
     text (its traceback), not as a chain of exceptions, so the text is searched too."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if type(exc) is StorageFault:
-            return exc
-        found = re.search(rf"StorageFault: (.*{STORAGE_FAULT}.*)", str(exc))
+    for e in _causes(exc):
+        if type(e) is StorageFault:
+            return e
+        found = re.search(rf"StorageFault: (.*{STORAGE_FAULT}.*)", str(e))
         if found:
             return StorageFault(found.group(1))
-        exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
     return None
 
 

@@ -21,7 +21,7 @@ import av
 import numpy as np
 
 from engine import storage
-from engine.errors import ContentError, StorageFault, passing_fault
+from engine.errors import ContentError
 
 
 class VideoError(ContentError):
@@ -31,32 +31,27 @@ class VideoError(ContentError):
 def _video_errors(fn):
     """PyAV's errors raised in ``fn`` (a function or a generator function) leave as VideoError,
     and a passing storage fault under the video's reads as a StorageFault naming the file."""
-    def translated(e: Exception, args: tuple) -> Exception | None:
-        cause = None if isinstance(e, StorageFault) else passing_fault(e)
-        if cause is not None:
-            source = next((a for a in args if isinstance(a, str) or hasattr(a, "read")), None)
-            return StorageFault.at(storage.url_of(source) if source is not None else "a video stream", cause)
-        return VideoError(str(e)) if isinstance(e, av.error.FFmpegError) else None
+    def source(args: tuple) -> str:
+        found = next((a for a in args if isinstance(a, str) or hasattr(a, "read")), None)
+        return storage.url_of(found) if found is not None else "a video stream"
 
     if inspect.isgeneratorfunction(fn):
         @functools.wraps(fn)
         def generator(*args, **kwargs):
             try:
-                yield from fn(*args, **kwargs)
-            except Exception as e:
-                if (error := translated(e, args)) is None:
-                    raise
-                raise error from e
+                with storage.faults_named(source(args)):
+                    yield from fn(*args, **kwargs)
+            except av.error.FFmpegError as e:
+                raise VideoError(str(e)) from e
         return generator
 
     @functools.wraps(fn)
     def function(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
-        except Exception as e:
-            if (error := translated(e, args)) is None:
-                raise
-            raise error from e
+            with storage.faults_named(source(args)):
+                return fn(*args, **kwargs)
+        except av.error.FFmpegError as e:
+            raise VideoError(str(e)) from e
     return function
 
 
@@ -132,8 +127,6 @@ def _open(source: str | IO[bytes]):
     try:
         return av.open(source, "r")
     except (av.error.FFmpegError, OSError, ValueError) as e:
-        if passing_fault(e):
-            raise
         raise VideoError(f"cannot open as video: {e}") from e
 
 

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from engine import storage
-from engine.errors import ContentError, StorageFault, passing_fault
+from engine.errors import ContentError, StorageFault
 from engine.release import records as rec
 
 SPLITS = ("train", "val", "test")
@@ -79,13 +79,11 @@ class Release:
     def read_json(self, relative: str) -> Any:
         """Parse one JSON file; a syntax error names the file, line and column."""
         try:
-            with self.open_file(relative) as f:
+            with storage.faults_named(storage.join(self.url, relative)), self.open_file(relative) as f:
                 raw = f.read()
-        except FileNotFoundError:
+        except (FileNotFoundError, StorageFault):
             raise
         except Exception as e:
-            if passing_fault(e):
-                raise StorageFault.at(storage.join(self.url, relative), e) from e
             raise ReleaseError(f"{relative}: cannot read: {e}", relative) from e
         try:
             return json.loads(raw)

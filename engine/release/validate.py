@@ -14,7 +14,6 @@ from collections.abc import Callable
 from engine import params as P
 from engine import stage as stages
 from engine import storage
-from engine.errors import StorageFault, passing_fault
 from engine.release import records as rec
 from engine.release.reader import Problem, Release, ReleaseError
 from engine.video import VideoError, probe
@@ -96,17 +95,17 @@ class Report:
 
 def _probe_view(release: Release, view: rec.View) -> tuple[dict | None, Problem | None]:
     try:
-        if not release.exists(view.path):
-            return None, Problem("view_missing", f"{view.key}: file not found", view.path)
-        with release.open_file(view.path) as f:
-            info = probe(f)
+        # A passing storage fault leaves as a StorageFault: storage, not the file, failed.
+        with storage.faults_named(storage.join(release.url, view.path)):
+            if not release.exists(view.path):
+                return None, Problem("view_missing", f"{view.key}: file not found", view.path)
+            with release.open_file(view.path) as f:
+                info = probe(f)
         return ({"path": view.path, "codec": info.codec, "width": info.width, "height": info.height,
                  "fps": round(info.fps, 3), "frames": info.frames, "duration": round(info.duration, 3)}, None)
     except VideoError as e:
         return None, Problem("view_unreadable", f"{view.key}: {e}", view.path)
     except OSError as e:
-        if passing_fault(e):    # storage, not the file: no verdict on the release
-            raise StorageFault.at(storage.join(release.url, view.path), e) from e
         return None, Problem("view_unreadable", f"{view.key}: {e}", view.path)
 
 

@@ -20,14 +20,14 @@ import torch
 from engine.features.store import FeatureStore
 from engine.release import Release
 from engine.tasks import TASKS, TrainConfig
-from engine.tasks.base import Examples, feature_scale
+from engine.tasks.base import Examples, example_scale
 from engine.train.loop import fit, train_epoch
 
 
 def plain_loop(task, train: Examples, classes: int, config: TrainConfig) -> list[float]:
     """The same epoch function as the Ray Train loop, in this process, without Ray Train."""
     torch.manual_seed(config.seed)
-    model = task.head(feature_scale(train.x), classes, config.hidden, config.dropout)
+    model = task.head(example_scale(train), classes, config.hidden, config.dropout)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     x, y = torch.from_numpy(train.x), torch.from_numpy(train.y)
     rates = []
@@ -55,7 +55,7 @@ def main() -> None:
     base = task.examples(release, features, "train", train=True)
     train = Examples(np.tile(base.x, (args.tile, 1)), np.tile(base.y, args.tile), base.meta * args.tile)
     val = task.examples(release, features, "val", train=False)
-    classes = task.num_classes(release)
+    classes = task.outputs(release)
     config = TrainConfig(epochs=args.epochs, patience=args.epochs, workers=args.workers, batch_size=args.batch_size,
                          cpus_per_worker=args.cpus_per_worker)
 

@@ -27,7 +27,11 @@ def _evaluate(args) -> int:
         print(f"ee4d evaluate: cannot read {args.predictions}: {e}", file=sys.stderr)
         return 2
     truth = task.truth(Release.open(args.release), args.split)
-    print(json.dumps(task.evaluate(submission, truth), indent=1))
+    try:
+        print(json.dumps(task.evaluate(submission, truth, lenient=args.lenient), indent=1))
+    except ValueError as e:          # the submission lacks what the official script requires
+        print(f"ee4d evaluate: {args.predictions}: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -281,6 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--predictions", required=True, help="submission JSON (a path or an fsspec URL)")
     p.add_argument("--release", required=True, help="release root holding the split's annotations")
     p.add_argument("--split", default="val", choices=["train", "val", "test"])
+    p.add_argument("--lenient", action="store_true",
+                   help="score a partial submission: where the official script stops at a missing prediction "
+                        "(ego pose), leave it out and count it under 'missing'")
     p.set_defaults(func=_evaluate)
     return parser
 

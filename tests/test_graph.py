@@ -21,12 +21,14 @@ import pytest
 import torch
 
 from engine.graph import spec as specs
+from engine.tasks import TASKS
 
 REPO = Path(__file__).resolve().parents[1]
+DEMO_TASKS = ("keystep_recognition", "demonstrator_proficiency", "demonstration_proficiency",
+              "procedure_understanding", "ego_body_pose", "ego_hand_pose")
 # The demo spec, shrunk: 10 takes of 4 s hold val examples for every benchmark; 4 pretraining steps.
 SMALL = ["release.synth.preset=tiny", "release.synth.takes=10", "release.synth.seconds=4"] + [
-    f"tasks.{t}.epochs=4" for t in ("keystep_recognition", "demonstrator_proficiency", "demonstration_proficiency")] + [
-    "pretrain.steps=4"]
+    f"tasks.{t}.epochs=4" for t in DEMO_TASKS] + ["pretrain.steps=4"]
 
 
 def ee4d(*args, check=True, **kwargs) -> subprocess.CompletedProcess:
@@ -82,7 +84,8 @@ def assert_close(got, expected, where="outputs"):
 
 def reported_metrics(out: Path) -> dict[str, str]:
     """Benchmark -> the val metric as the report's table shows it."""
-    rows = re.findall(r"<tr><td>(\w+)</td><td>(\w+)</td><td><b>([0-9.]+)</b></td>", (out / "report.html").read_text())
+    rows = re.findall(r"<tr><td>(\w+)</td><td>(\w+) \((?:higher|lower) is better\)</td><td><b>([0-9.]+)</b></td>",
+                      (out / "report.html").read_text())
     return {task: f"{metric} {value}" for task, metric, value in rows}
 
 
@@ -103,15 +106,17 @@ def test_the_demo_spec_runs_end_to_end_and_reports_every_benchmark(demo_run):
             result = json.loads((folder / "result.json").read_text())
             metric = result["metric"]
             assert found["val"][metric] == result["val"][metric]
-            assert f"<td>{stage[5:]}</td><td>{metric}</td><td><b>{result['val'][metric]:.4f}</b></td>" in report
+            better = "higher" if TASKS[stage[5:]].maximize else "lower"
+            assert f"<td>{stage[5:]}</td><td>{metric} ({better} is better)</td><td><b>{result['val'][metric]:.4f}</b></td>" \
+                in report
             for name, value in result["baselines"].items():
                 assert f"{name} {value:.4f}" in report
             # Links are relative to the run folder and lead to the files.
             assert f"href='{folder.relative_to(demo_run)}/submission_val.json'" in report
-    assert len(reported_metrics(demo_run)) == 3
+    assert sorted(reported_metrics(demo_run)) == sorted(DEMO_TASKS)
     assert report.count("data:image/png;base64,") == 3      # pretraining and training curves, the strip of frames
+    assert "body and hand keypoints (manual annotation) and object masks" in report
     assert "<h2>Pretraining</h2>" in report and "ego&rarr;exo top-1" in report
-    assert "frame" in report and "body keypoints" in report
     for record in json.loads((demo_run / "run.json").read_text())["stages"]:
         assert json.loads((Path(record["output"]) / "stage.json").read_text())["status"] == "done"
         assert record["stage"] == "report" or record["fingerprint"] in report
@@ -156,7 +161,7 @@ def test_notebooks_execute_on_the_demo_run(demo_run, notebook, monkeypatch):
 @pytest.mark.parametrize("override, message", [
     ("tasks.keystep_recognition.epochs=many", "tasks.keystep_recognition.epochs: expected an integer, got 'many'"),
     ("shard.mode=copy", "shard: mode must be one of remux, transcode, frames"),
-    ("tasks.pose=1", "tasks.pose: unknown task; known: keystep_recognition"),
+    ("tasks.pose=1", "tasks.pose: unknown task; known: ego_body_pose"),
     ("features.bacth_size=4", "features.bacth_size: unknown key; keys are"),
     ("release.url=/data/egoexo", "release: give exactly one of url"),
 ])
@@ -366,8 +371,7 @@ def test_on_an_autoscaling_cluster_shards_run_on_cpu_nodes_and_models_on_gpu_nod
     assert [n["head"] for n in _nodes(address).values() if n["state"] == "ALIVE"] == [True]    # no workers yet
     out = tmp_path / "autoscaled"
     release = next(demo_run.glob("release/*/takes.json")).parent
-    tasks = [f"tasks.{t}.use_gpu=false"
-             for t in ("keystep_recognition", "demonstrator_proficiency", "demonstration_proficiency")]
+    tasks = [f"tasks.{t}.use_gpu=false" for t in DEMO_TASKS]
     small = [s for s in SMALL if not s.startswith("pretrain.")]
     # The GPU type joins only when the model's actors ask for it; two actors share its one GPU.
     args = sets(small + tasks + [f"release.url={release}", "release.synth=null", "pretrain=false",
@@ -387,7 +391,9 @@ def test_on_an_autoscaling_cluster_shards_run_on_cpu_nodes_and_models_on_gpu_nod
     assert shard_nodes and shard_nodes <= cpu_nodes, (shard_nodes, nodes)
     embedders = [a for a in list_actors(address=address, detail=True, limit=10000, raise_on_missing_output=False)
                  if "Embedder" in a.class_name]
-    assert embedders and {a.node_id for a in embedders} <= gpu_nodes, (embedders, nodes)
+    # Every one that was placed (one Ray Data asked for and then dropped may never be) ran there.
+    placed = {a.node_id for a in embedders if a.node_id}
+    assert placed and placed <= gpu_nodes, (embedders, nodes)
     assert all(a.required_resources.get("GPU") == 0.5 for a in embedders), embedders
 
     # Idle workers go away again: back to the head alone.
@@ -424,7 +430,7 @@ def test_a_stage_kind_and_a_benchmark_from_a_plugin_module_join_the_spec_cli_gra
     manifest = pq.read_table(next(demo_run.glob("shards/*/manifest.parquet"))).to_pydict()
     assert counts == {s: manifest["split"].count(s) for s in set(manifest["split"])}
     report = (demo_run / "report.html").read_text()
-    assert "<h2>Sample counts</h2>" in report and "<td>scenario_recognition</td><td>top1</td>" in report
+    assert "<h2>Sample counts</h2>" in report and "<td>scenario_recognition</td><td>top1 (higher is better)</td>" in report
 
     # A setting that only changes speed keeps the fingerprint; one that fixes the output does not.
     ee4d("run", "jobs/demo.yaml", "--out", str(demo_run), *sets(toys + ["sample_count.verbose=true"]), env=PLUGIN)

@@ -4,7 +4,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine.tasks.metrics import detection_map, majority_class, point_detection_ap, top1_accuracy
+from engine.tasks.metrics import (
+    body_category,
+    body_pose_errors,
+    calibrated_ap,
+    detection_map,
+    evaluated_frames,
+    hand_pose_errors,
+    majority_class,
+    point_detection_ap,
+    top1_accuracy,
+)
 
 
 def test_top1_accuracy_and_majority_baseline():
@@ -50,3 +60,86 @@ def test_detection_map_averages_classes_with_truth_then_thresholds():
     assert result["mAP@1.0"] == pytest.approx((good + 1.0) / 2)
     assert result["mAP"] == pytest.approx(((good + 0) / 2 + 2 * (good + 1) / 2) / 3)
     assert detection_map({}, truths)["mAP"] == 0.0                        # a class never predicted scores 0
+
+
+def test_evaluated_body_frames_are_the_runs_the_official_filter_keeps():
+    # Runs break where the step exceeds 3 frames; a run counts when last - first + 3 >= 120.
+    long_run = list(range(0, 118, 3)) + [117]          # 0 .. 117: 117 + 3 = 120, kept
+    short_run = list(range(200, 316, 3))                # 200 .. 314: 114 + 3 = 117, dropped
+    assert evaluated_frames(long_run + short_run) == long_run
+    # A step of 3 frames continues a run; a step of 4 ends it, and the halves are too short.
+    joined = list(range(0, 61)) + list(range(63, 130))
+    assert evaluated_frames(joined) == joined
+    broken = list(range(0, 60)) + list(range(63, 130))
+    assert evaluated_frames(broken) == []
+    assert evaluated_frames(broken, min_run=65) == list(range(63, 130))   # 59 + 3 < 65 <= 66 + 3
+    assert evaluated_frames([]) == []
+
+
+def test_body_pose_errors_by_hand():
+    joints = np.zeros((3, 3))
+    truth = {f: joints + [f / 100, 0, 0] for f in range(0, 120, 3)}
+    truth[3] = truth[3].copy()
+    truth[3][1] = np.nan                                # an absent joint
+    # Predictions 0.1 m off in y everywhere; at frame 6 joint 0 is 0.5 m off instead.
+    predicted = {f: v + [0, 0.1, 0] for f, v in truth.items()}
+    predicted[3] = np.nan_to_num(predicted[3])          # whatever is predicted for the absent joint
+    predicted[6] = predicted[6].copy()
+    predicted[6][0] = truth[6][0] + [0, 0.5, 0]
+    position, joints_n, velocity, velocities = body_pose_errors(truth, predicted, min_run=100)
+    frames = len(truth)
+    assert joints_n == 3 * frames - 1
+    assert position == pytest.approx(0.1 * (joints_n - 1) + 0.5)
+    # Velocity errors: only joint 0 between frames 3->6 and 6->9 (0.4 m over 3 frames, x 30/3),
+    # pairs with the absent joint skipped.
+    assert velocities == 3 * (frames - 1) - 2
+    assert velocity == pytest.approx(2 * 0.4 * 10)
+    # Frames further apart than 9 frames give no velocity; a missing prediction is an error.
+    sparse = {f: joints for f in range(0, 130, 10)}
+    assert body_pose_errors(sparse, sparse, min_run=0)[3] == 0
+    with pytest.raises(KeyError):
+        body_pose_errors(truth, {f: v for f, v in predicted.items() if f != 60}, min_run=100)
+    # Frames 0..117 make a run of 120 by the official measure; without frame 117 it is too short.
+    assert body_pose_errors(truth, predicted)[1] == joints_n
+    del truth[117]
+    assert body_pose_errors(truth, predicted)[1] == 0
+
+
+def test_body_categories_follow_the_official_take_name_matching():
+    assert body_category("upenn_0711_Cooking_2_3") == "cooking"
+    assert body_category("sfu_covid_008_4") == "health"
+    assert body_category("uniandes_bouldering_003_10") == "bouldering"
+    assert body_category("georgiatech_piano_01_2") == "music"
+    assert body_category("unknown_take") == "other"
+
+
+def test_hand_pose_errors_in_mm_with_procrustes_alignment():
+    rng = np.random.default_rng(0)
+    hand = rng.normal(size=(21, 3)) * 0.05                     # metres
+    angle = 0.7
+    rotation = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    moved = 1.3 * hand @ rotation.T + [0.1, -0.2, 0.3]          # a similarity transform of the hand
+    mpjpe, pa = hand_pose_errors(hand, moved)
+    assert mpjpe == pytest.approx(1000 * np.linalg.norm(moved - hand, axis=1).mean())
+    assert pa == pytest.approx(0.0, abs=1e-9)
+    # A mirror image is not a similarity transform: alignment may not reflect it away.
+    assert hand_pose_errors(hand, hand * [-1, 1, 1])[1] > 1.0
+    # A uniform 1 cm shift: 10 mm before alignment, nothing after.
+    assert hand_pose_errors(hand, hand + [0.01, 0, 0]) == (pytest.approx(10.0), pytest.approx(0.0, abs=1e-9))
+
+
+def test_calibrated_ap_by_hand():
+    # 2 positives, 4 negatives (w = 2). Ranked: P N P N N N.
+    # cPrec at rank 1: 1 / (1 + 0) = 1; at rank 3: 2 / (2 + 1 / 2) = 0.8.
+    assert calibrated_ap([0.9, 0.8, 0.7, 0.3, 0.2, 0.1], [1, 0, 1, 0, 0, 0]) == pytest.approx((1 + 0.8) / 2)
+    assert calibrated_ap([0.3, 0.2], [1, 1]) == 1.0                    # positives only
+    assert calibrated_ap([0.3, 0.2], [0, 0]) is None                   # no positives: no AP
+    assert calibrated_ap([0.1, 0.9], [1, 0]) == pytest.approx(0.5)     # worst ranking: 1 / (1 + 1)
+    # Ties earn nothing: negatives rank first among equal scores, whatever the listed order.
+    assert calibrated_ap([0.5, 0.5], [1, 0]) == calibrated_ap([0.5, 0.5], [0, 1]) == pytest.approx(0.5)
+    assert calibrated_ap([0.9, 0.5, 0.5, 0.5], [0, 1, 0, 0]) == pytest.approx(1 / (1 + 3 / 3))
+    # Random scores give about 0.5 whatever the share of positives.
+    rng = np.random.default_rng(0)
+    for share in (0.05, 0.5):
+        labels = rng.random(200_000) < share
+        assert calibrated_ap(rng.random(len(labels)), labels) == pytest.approx(0.5, abs=0.01)

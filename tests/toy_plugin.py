@@ -70,7 +70,7 @@ class ScenarioRecognition(Task):
     class Options(TrainConfig):
         pooling: str = P.setting("mean", "how a take's feature windows are pooled", choices=("mean", "max"))
 
-    def num_classes(self, release) -> int:
+    def outputs(self, release) -> int:
         return len(scenarios(release))
 
     def examples(self, release, features, split: str, train: bool) -> Examples:
@@ -94,12 +94,12 @@ class ScenarioRecognition(Task):
     def submission(self, logits: np.ndarray, examples: Examples, split: str) -> dict:
         return {"split": split, "takes": {m["take_uid"]: int(np.argmax(row)) for m, row in zip(examples.meta, logits)}}
 
-    def evaluate(self, submission: dict, truth: dict) -> dict:
+    def evaluate(self, submission: dict, truth: dict, lenient: bool = False) -> dict:
         predicted = submission.get("takes", {})
         keys = sorted(truth)
         return {"top1": top1_accuracy([predicted.get(k, -1) for k in keys], [truth[k] for k in keys]),
                 "takes": len(keys), "ignored": sum(k not in truth for k in predicted)}
 
-    def baselines(self, train: Examples, truth: dict, split: str) -> dict:
+    def baselines(self, train: Examples, evaluated: Examples, truth: dict, split: str) -> dict:
         majority = majority_class(train.y.tolist())
         return {"majority": top1_accuracy([majority] * len(truth), list(truth.values()))}

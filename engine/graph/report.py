@@ -19,12 +19,17 @@ import numpy as np
 from engine import params as P
 from engine import stage as stages
 from engine import storage
+from engine.release.catalog import FINGERS
 
 ROOT = "@@run-root@@/"      # stands for the path from the report to the run folder
 BONES = [("left-shoulder", "right-shoulder"), ("left-shoulder", "left-elbow"), ("left-elbow", "left-wrist"),
          ("right-shoulder", "right-elbow"), ("right-elbow", "right-wrist"), ("left-shoulder", "left-hip"),
          ("right-shoulder", "right-hip"), ("left-hip", "right-hip"), ("left-hip", "left-knee"),
          ("left-knee", "left-ankle"), ("right-hip", "right-knee"), ("right-knee", "right-ankle")]
+# Hand bones: the wrist to each finger's first joint, then along the finger.
+HAND_BONES = [(f"{side}_{a}", f"{side}_{finger}_{k}")
+              for side in ("left", "right") for finger in FINGERS
+              for a, k in [("wrist", 1)] + [(f"{finger}_{k - 1}", k) for k in range(2, 5)]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,15 +149,19 @@ def _frames_section(release_url: str | None, params) -> str:
 
 
 def frame_strip(release_url: str, take: str | None = None, seconds: float | None = None):
-    """A matplotlib figure of one frame of one take in every view, with the manual body
-    keypoints and the relations object masks of that frame drawn; and its caption."""
+    """A matplotlib figure of one frame of one take in every view, with the manual body and
+    hand keypoints and the relations object masks of that frame drawn; and its caption."""
     import matplotlib.pyplot as plt
 
     from engine.release import Release
 
     release = Release.open(release_url)
     split, chosen, poses, relations = _pick_take(release, take)
-    frame = _pick_frame(poses, relations, seconds)
+    try:
+        hands = release.ego_pose(split, "hand", chosen.take_uid)
+    except FileNotFoundError:
+        hands = {}
+    frame = _pick_frame(poses, hands, relations, seconds)
     views = [v for v in chosen.views("448")]
     fig, axes = plt.subplots(1, len(views), figsize=(3.2 * len(views), 2.6), squeeze=False)
     for ax, view in zip(axes[0], views):
@@ -167,19 +176,21 @@ def frame_strip(release_url: str, take: str | None = None, seconds: float | None
                 m = mask.decode()
                 ax.contour(np.linspace(0, width, m.shape[1]), np.linspace(0, height, m.shape[0]), m,
                            levels=[0.5], colors=[plt.cm.tab10(i % 10)], linewidths=1.5)
-        joints = poses.get(frame).joints2d.get(view.cam_id, {}) if poses.get(frame) else {}
-        for a, b in BONES:
-            if a in joints and b in joints:
-                ax.plot([joints[a][0] * sx, joints[b][0] * sx], [joints[a][1] * sy, joints[b][1] * sy],
-                        color="lime", linewidth=1)
-        if joints:
-            xy = np.array(list(joints.values()))
-            ax.scatter(xy[:, 0] * sx, xy[:, 1] * sy, s=6, color="yellow")
+        for annotation, bones, colour, dot in ((poses, BONES, "lime", "yellow"), (hands, HAND_BONES, "cyan", "white")):
+            joints = annotation[frame].joints2d.get(view.cam_id, {}) if frame in annotation else {}
+            for a, b in bones:
+                if a in joints and b in joints:
+                    ax.plot([joints[a][0] * sx, joints[b][0] * sx], [joints[a][1] * sy, joints[b][1] * sy],
+                            color=colour, linewidth=1)
+            if joints:
+                xy = np.array(list(joints.values()))
+                ax.scatter(xy[:, 0] * sx, xy[:, 1] * sy, s=4, color=dot)
         ax.set_title(view.key, fontsize=9)
         ax.axis("off")
     fig.tight_layout()
     caption = (f"Take {chosen.take_name} ({chosen.take_uid}, {split}), frame {frame} ({frame / 30:.2f} s), "
-               f"{len(views)} views: body keypoints (manual annotation) and object masks (relations).")
+               f"{len(views)} views: body{' and hand' if frame in hands else ''} keypoints (manual annotation) "
+               "and object masks (relations).")
     return fig, caption
 
 
@@ -206,7 +217,9 @@ def _pick_take(release, wanted: str | None):
     return split, by_uid[uid], release.ego_pose(split, "body", uid), relations
 
 
-def _pick_frame(poses: dict, relations, seconds: float | None) -> int:
+def _pick_frame(poses: dict, hands: dict, relations, seconds: float | None) -> int:
+    """The body frame nearest ``seconds``; or the middle one of those that also have hands and
+    masks (or masks, or hands, as the release has them)."""
     frames = sorted(poses)
     if seconds is not None:
         return min(frames, key=lambda f: abs(f - seconds * 30))
@@ -214,8 +227,11 @@ def _pick_frame(poses: dict, relations, seconds: float | None) -> int:
     for tracks in (relations.object_masks.values() if relations else []):
         for per_view in tracks.values():
             masked |= set(per_view)
-    both = [f for f in frames if f in masked]
-    return (both or frames)[len(both or frames) // 2]
+    for wanted in (masked & set(hands), masked, set(hands)):
+        chosen = [f for f in frames if f in wanted]
+        if chosen:
+            return chosen[len(chosen) // 2]
+    return frames[len(frames) // 2]
 
 
 def _decode_frame(release, path: str, frame: int) -> np.ndarray:

@@ -12,6 +12,9 @@ What each label leaves in the pixels, and the noise on it:
   takes that step's colour (``motion.keystep_colour``) and the hand circles at the step's
   frequency and radius (``motion.keystep_motion``). Noise: 10% of segments show another
   step of the same scenario, segment lengths vary, hands tremble.
+- Procedure (procedural scenarios): steps follow the scenario's canonical order, optional
+  steps (every third) are skipped a quarter of the time, and with probability MISTAKE_RATE two
+  neighbouring steps swap places, a procedural mistake (task graph: ``_procedure``).
 - Demonstrator proficiency: hand and head tremor shrinks with skill
   (``motion.TREMOR``), scaled per take by U(0.8, 1.25) so neighbouring levels overlap. The
   ego camera rides on the head, so its shake shows it most.
@@ -29,8 +32,10 @@ None of these is readable from metadata: the proficiency of a take, its keystep 
 its events appear only in the annotation files and the pixels.
 
 Conventions: frame-aligned video at 30 fps, all views of a take with the same frame count;
-trajectory at 100 Hz (the real one is 1 kHz); manual ego-pose annotations every 10th frame
-from frame 5, automatic ones every 2nd frame, numbered in the take's 30 fps frame indices.
+trajectory at 100 Hz (the real one is 1 kHz); manual body annotations every 3rd frame from
+frame 0, manual hand annotations every 10th frame from frame 5, automatic ones every 2nd frame,
+numbered in the take's 30 fps frame indices; a 3D joint is present only where at least two
+views see it.
 
 Clocks, as in the real release: trajectory and eye gaze are stamped with the Aria device clock
 (``tracking_timestamp_us``), which is not the take's. The capture's ``timesync.csv`` gives the
@@ -79,6 +84,7 @@ DOWNSCALED = 448
 AUDIO_RATE = 48000
 EXO_CAMS = ("cam01", "cam02", "cam03", "cam04")
 SPLIT_PATTERN = ("train", "train", "train", "val", "test")
+MISTAKE_RATE = 0.15                            # chance that a procedural step swaps with the next
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,6 +194,10 @@ def _plan_segments(rng, scenario: Scenario, seconds: float, classes) -> list[mo.
     order = []
     while len(order) < 64:
         order += steps
+    if scenario.keysteps:
+        for pos in range(len(order) - 1):
+            if rng.random() < MISTAKE_RATE:   # a procedural mistake: two steps done out of order
+                order[pos], order[pos + 1] = order[pos + 1], order[pos]
     for _pos, step in enumerate(order):
         if scenario.keysteps and step % 3 == 2 and rng.random() < 0.25:
             continue  # optional steps are sometimes skipped
@@ -431,8 +441,10 @@ def _keypoint_entry(plan, frame, names, points, cams, placement):
                    if depth > sc.NEAR and 0 <= u < cam.width and 0 <= v < cam.height}
         if visible:
             ann2d[cam_id] = visible
+    # A 3D joint is triangulated from its 2D annotations: one seen in fewer than two views has none.
+    views = {name: sum(name in joints for joints in ann2d.values()) for name in names}
     ann3d = {name: {"x": round(float(p[0]), 5), "y": round(float(p[1]), 5), "z": round(float(p[2]), 5),
-                    "num_views_for_3d": len(ann2d)} for name, p in zip(names, points)}
+                    "num_views_for_3d": views[name]} for name, p in zip(names, points) if views[name] >= 2}
     return [{"metadata": {"take_uid": plan.take_uid, "take_name": plan.take_name, "frame_number": frame},
              "annotation2D": ann2d, "annotation3D": ann3d}]
 
@@ -440,8 +452,12 @@ def _keypoint_entry(plan, frame, names, points, cams, placement):
 def _write_ego_pose(plan: TakePlan, root: Path, state: sc.SceneState, cams) -> None:
     base = root / "annotations" / "ego_pose" / plan.split
     if plan.split != "test":
-        for part, names, joints in (("body", BODY_JOINTS, state.body), ("hand", HAND_JOINTS, state.hands)):
-            for kind, frames, placement in (("annotation", range(5, plan.n_frames, 10), "manual"),
+        # Manual body frames are 3 apart, so that they form the long runs the official body
+        # evaluation scores (it drops runs under 4 s, and a step over 3 frames ends a run);
+        # they include the relations frames (15 + 30k), as the hand frames do.
+        for part, names, joints, manual in (("body", BODY_JOINTS, state.body, range(0, plan.n_frames, 3)),
+                                            ("hand", HAND_JOINTS, state.hands, range(5, plan.n_frames, 10))):
+            for kind, frames, placement in (("annotation", manual, "manual"),
                                             ("automatic", range(0, plan.n_frames, 2), "auto")):
                 out = {str(f): _keypoint_entry(plan, f, names, joints[f], cams, placement) for f in frames}
                 path = base / part / kind / f"{plan.take_uid}.json"
@@ -695,20 +711,25 @@ def _write_annotations(root: Path, plans: list[TakePlan], relations: list[dict],
 
 
 def _procedure(p: TakePlan, annotated: bool) -> dict:
-    done, segments = [], []
-    uids = [keystep_unique_id(p.scenario, i) for i in range(len(p.scenario.keysteps))]
+    """The scenario's task graph: steps in canonical order, every third one (index 2, 5, ...)
+    optional; a step requires every non-optional step before it. Per segment: the steps it
+    requires (previous_keysteps), whether it is optional, the required steps not yet done in
+    the take (missing_keysteps; any makes the segment a procedural mistake), and the steps that
+    may come next (the following one, and the one after it when that one is optional)."""
+    done, segments = set(), []
+    steps = len(p.scenario.keysteps)
+    uids = [keystep_unique_id(p.scenario, i) for i in range(steps)]
     for seg in p.segments:
-        uid = uids[seg.step_index]
-        entry = {"start_time": seg.start, "end_time": seg.end, "step_unique_id": uid, "previous_keysteps": list(done)}
+        k = seg.step_index
+        entry = {"start_time": seg.start, "end_time": seg.end, "step_unique_id": uids[k]}
         if annotated:
-            canonical_before = uids[:seg.step_index]
-            entry.update(
-                is_optional=seg.step_index % 3 == 2,
-                is_procedural_mistake=any(u not in done for u in canonical_before if uids.index(u) % 3 != 2),
-                missing_keysteps=[u for u in canonical_before if u not in done],
-                next_keysteps=uids[seg.step_index + 1: seg.step_index + 2])
+            required = [uids[j] for j in range(k) if j % 3 != 2]
+            missing = [u for u in required if u not in done]
+            following = [k + 1] + ([k + 2] if (k + 1) % 3 == 2 else [])
+            entry.update(previous_keysteps=required, is_optional=k % 3 == 2, is_procedural_mistake=bool(missing),
+                         missing_keysteps=missing, next_keysteps=[uids[j] for j in following if j < steps])
         segments.append(entry)
-        done.append(uid)
+        done.add(uids[k])
     return {"take_uid": p.take_uid, "take_name": p.take_name, "scenario": p.scenario.name, "segments": segments}
 
 

@@ -1,10 +1,11 @@
 """What every benchmark gives the training loop.
 
 A task turns features (one file per take and view, from ``ee4d features``, read through
-``engine.features.store.FeatureStore``) and the release's annotations into examples (a pooled
-feature vector and a class per example), scores logits with the official metric, and writes
-and reads the official submission file; it may replace the default head (an MLP on
-standardized features) or loss (cross-entropy). The training loop (``engine.train``) knows
+``engine.features.store.FeatureStore``) or the release's own streams, and the release's
+annotations, into examples (an input vector and a class, or a vector of regression targets,
+per example), scores the head's outputs with the official metric, and writes and reads the
+official submission file; it may replace the default head (an MLP on standardized inputs) or
+loss (cross-entropy). The training loop (``engine.train``) knows
 nothing else about a task; adding a benchmark is one module with a ``Task`` subclass decorated
 with ``@register``, plus one import line in ``engine/tasks/__init__.py`` (or, for a user's own,
 its module in ``EE4D_PLUGINS``). A task's settings are its ``Options``: the training loop's
@@ -30,11 +31,21 @@ if TYPE_CHECKING:
 @dataclasses.dataclass
 class Examples:
     x: np.ndarray                  # float32 [N, D]
-    y: np.ndarray                  # int64 [N]; -1 where the split has no label
+    y: np.ndarray                  # int64 [N] classes, -1 where the split has no label; or
+                                   # float32 [N, K] regression targets, NaN where unknown
     meta: list[dict]               # what the submission needs to name each example
 
     def __len__(self) -> int:
         return len(self.y)
+
+    def labelled(self) -> np.ndarray:
+        """Which examples carry a target (a class, or at least one known regression value)."""
+        if self.y.dtype.kind == "f":
+            return np.isfinite(self.y).reshape(len(self.y), -1).any(axis=1)
+        return self.y >= 0
+
+    def subset(self, keep: np.ndarray) -> Examples:
+        return Examples(self.x[keep], self.y[keep], [m for m, k in zip(self.meta, keep) if k])
 
     @staticmethod
     def concat(parts: list[Examples], dim: int) -> Examples:
@@ -78,18 +89,21 @@ def register(cls: type[Task]) -> type[Task]:
 
 class Task:
     name: str = ""
-    metric: str = ""               # the key of evaluate()'s result that early stopping maximizes
+    metric: str = ""               # the key of evaluate()'s result that early stopping follows
+    maximize: bool = True          # False where the metric is an error (MPJPE): lower is better
     Options: type[TrainConfig] = TrainConfig    # a benchmark with options of its own subclasses it
 
     def __init__(self, options: TrainConfig | None = None):
         self.options = options if options is not None else self.Options()
 
-    def num_classes(self, release) -> int:
+    def outputs(self, release) -> int:
+        """Width of the head's output: classes, or regression targets."""
         raise NotImplementedError
 
-    def head(self, scale: np.ndarray, classes: int, hidden: int, dropout: float):
-        """The model on the features; by default an MLP on standardized features."""
-        return build_head(scale, classes, hidden, dropout)
+    def head(self, scale: dict, outputs: int, hidden: int, dropout: float):
+        """The model on the inputs; by default an MLP on standardized inputs. ``scale`` is the
+        train set's ``example_scale``."""
+        return build_head(scale["x"], outputs, hidden, dropout)
 
     def loss(self):
         import torch
@@ -106,13 +120,15 @@ class Task:
     def submission(self, logits: np.ndarray, examples: Examples, split: str) -> dict:
         raise NotImplementedError
 
-    def evaluate(self, submission: dict, truth: dict) -> dict:
+    def evaluate(self, submission: dict, truth: dict, lenient: bool = False) -> dict:
         """Official metrics; entries for takes or segments the truth does not know are ignored
-        and counted under ``ignored``."""
+        and counted under ``ignored``. Where the official script stops at a missing prediction,
+        so does this, naming it; ``lenient`` scores a partial submission without the missing
+        items instead and counts them under ``missing``."""
         raise NotImplementedError
 
-    def baselines(self, train: Examples, truth: dict, split: str) -> dict:
-        """Trivial baselines on the split, scored by evaluate()."""
+    def baselines(self, train: Examples, evaluated: Examples, truth: dict, split: str) -> dict:
+        """Trivial baselines on the split whose examples are ``evaluated``, scored by evaluate()."""
         raise NotImplementedError
 
     def official_files(self, submission: dict, release, split: str) -> dict[str, dict]:
@@ -121,27 +137,62 @@ class Task:
         return {}
 
 
-def build_head(scale: np.ndarray, classes: int, hidden: int, dropout: float):
-    """An MLP whose first step standardizes each feature with the train set's mean and std
-    (``scale`` = [2, D]), kept in the state_dict so the saved head takes raw features."""
+def affine(scale: np.ndarray, inverse: bool = False):
+    """A module mapping v to (v - mean) / std, or back with ``inverse`` (``scale`` = [2, K]); the
+    statistics are buffers, so a saved model takes and gives raw values."""
     import torch
     from torch import nn
 
-    class Standardize(nn.Module):
+    class Affine(nn.Module):
         def __init__(self):
             super().__init__()
             self.register_buffer("mean", torch.as_tensor(scale[0], dtype=torch.float32))
             self.register_buffer("std", torch.as_tensor(scale[1], dtype=torch.float32))
 
-        def forward(self, x):
-            return (x - self.mean) / self.std
+        def forward(self, v):
+            return v * self.std + self.mean if inverse else (v - self.mean) / self.std
 
-    return nn.Sequential(Standardize(), nn.Linear(scale.shape[1], hidden), nn.ReLU(), nn.Dropout(dropout),
-                         nn.Linear(hidden, classes))
+    return Affine()
 
 
-def feature_scale(x: np.ndarray) -> np.ndarray:
-    return np.stack([x.mean(axis=0), x.std(axis=0) + 1e-6]).astype(np.float32)
+def build_head(x_scale: np.ndarray, outputs: int, hidden: int, dropout: float):
+    """An MLP whose first step standardizes each input with the train set's mean and std
+    (``x_scale`` = [2, D])."""
+    from torch import nn
+
+    return nn.Sequential(affine(x_scale), nn.Linear(x_scale.shape[1], hidden), nn.ReLU(), nn.Dropout(dropout),
+                         nn.Linear(hidden, outputs))
+
+
+def example_scale(train: Examples) -> dict:
+    """Means and stds of the train inputs (``x``, [2, D]) and, for regression, of the known
+    targets (``y``, [2, K]; None for classes), for heads to standardize with."""
+    def stats(v: np.ndarray) -> np.ndarray:
+        std = np.nanstd(v, axis=0)
+        # A column constant over train (a keystep never seen, a dead feature) is left unscaled:
+        # dividing by a tiny std would blow up whatever other value it takes later.
+        # A column with no known value at all (a joint never annotated) is centred on zero.
+        return np.stack([np.nan_to_num(np.nanmean(v, axis=0)), np.where(std > 1e-6, std, 1.0)]).astype(np.float32)
+
+    return {"x": stats(train.x), "y": stats(train.y[train.labelled()]) if train.y.dtype.kind == "f" else None}
+
+
+def segment_key(take_uid: str, start: float, end: float) -> str:
+    """How a segment is matched between submission and truth: take and times to the millisecond."""
+    return f"{take_uid}|{start:.3f}|{end:.3f}"
+
+
+def match_segments(segments: list[dict], wanted: dict) -> tuple[dict[str, dict], int]:
+    """A submission's segment entries by the key of the truth's segment they name, and how many
+    name no segment of the truth (ignored)."""
+    predicted, ignored = {}, 0
+    for seg in segments:
+        key = segment_key(seg["take_uid"], float(seg["start_time"]), float(seg["end_time"]))
+        if key in wanted:
+            predicted[key] = seg
+        else:
+            ignored += 1
+    return predicted, ignored
 
 
 def pool(t0: np.ndarray, t1: np.ndarray, vectors: np.ndarray, start: float, end: float) -> np.ndarray:

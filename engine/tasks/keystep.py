@@ -18,15 +18,11 @@ import numpy as np
 
 from engine import params as P
 from engine.features.store import is_ego
-from engine.tasks.base import Examples, Task, TrainConfig, pool, register
+from engine.tasks.base import Examples, Task, TrainConfig, match_segments, pool, register, segment_key
 from engine.tasks.metrics import majority_class, top1_accuracy
 
 if TYPE_CHECKING:
     from engine.features.store import FeatureStore
-
-
-def _key(take_uid: str, start: float, end: float) -> str:
-    return f"{take_uid}|{start:.3f}|{end:.3f}"
 
 
 @register
@@ -39,7 +35,7 @@ class KeystepRecognition(Task):
         train_views: str = P.setting("ego", "views used for training (evaluation is ego only)",
                                      choices=("ego", "ego+exo"))
 
-    def num_classes(self, release) -> int:
+    def outputs(self, release) -> int:
         return max(m.label_id for m in release.label_mapping()) + 1
 
     def examples(self, release, features: FeatureStore, split: str, train: bool) -> Examples:
@@ -55,7 +51,7 @@ class KeystepRecognition(Task):
         return Examples(np.asarray(xs, np.float32).reshape(-1, features.dim), np.asarray(ys, np.int64), meta)
 
     def truth(self, release, split: str) -> dict:
-        return {"segments": {_key(s.take_uid, s.start_time, s.end_time): s.label_id
+        return {"segments": {segment_key(s.take_uid, s.start_time, s.end_time): s.label_id
                              for s in release.keystep_segments(split) if s.label_id is not None}}
 
     def submission(self, logits: np.ndarray, examples: Examples, split: str) -> dict:
@@ -64,20 +60,15 @@ class KeystepRecognition(Task):
                     for m, row in zip(examples.meta, logits) if is_ego(m["view"])]
         return {"task": self.name, "split": split, "segments": segments}
 
-    def evaluate(self, submission: dict, truth: dict) -> dict:
+    def evaluate(self, submission: dict, truth: dict, lenient: bool = False) -> dict:
         wanted = truth["segments"]
-        predicted, ignored = {}, 0
-        for seg in submission.get("segments", []):
-            key = _key(seg["take_uid"], float(seg["start_time"]), float(seg["end_time"]))
-            if key in wanted:
-                predicted[key] = int(seg["label_id"])
-            else:
-                ignored += 1
+        matched, ignored = match_segments(submission.get("segments", []), wanted)
+        predicted = {key: int(seg["label_id"]) for key, seg in matched.items()}
         keys = sorted(wanted)
         return {"top1": top1_accuracy([predicted.get(k, -1) for k in keys], [wanted[k] for k in keys]),
                 "segments": len(keys), "missing": sum(k not in predicted for k in keys), "ignored": ignored}
 
-    def baselines(self, train: Examples, truth: dict, split: str) -> dict:
+    def baselines(self, train: Examples, evaluated: Examples, truth: dict, split: str) -> dict:
         majority = majority_class(train.y[train.y >= 0].tolist())
         wanted = truth["segments"]
         return {"majority": top1_accuracy([majority] * len(wanted), list(wanted.values()))}

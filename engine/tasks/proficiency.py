@@ -61,7 +61,7 @@ class DemonstratorProficiency(Task):
     name = "demonstrator_proficiency"
     metric = "top1_ego_exo"
 
-    def num_classes(self, release) -> int:
+    def outputs(self, release) -> int:
         return len(PROFICIENCY_LEVELS)
 
     def examples(self, release, features: FeatureStore, split: str, train: bool) -> Examples:
@@ -92,7 +92,7 @@ class DemonstratorProficiency(Task):
                 entry["exo"].setdefault(store.parse_name(m["view"]).cam_id, []).append(row)
         return {"task": self.name, "split": split, "takes": takes}
 
-    def evaluate(self, submission: dict, truth: dict) -> dict:
+    def evaluate(self, submission: dict, truth: dict, lenient: bool = False) -> dict:
         wanted = truth["takes"]
         preds = {"ego": {}, "exo": {}, "ego_exo": {}}
         for uid, (ego, exo) in _view_probabilities(submission).items():
@@ -134,7 +134,7 @@ class DemonstratorProficiency(Task):
                 "scenario_names": [e.scenario_name for e in entries]}
         return files
 
-    def baselines(self, train: Examples, truth: dict, split: str) -> dict:
+    def baselines(self, train: Examples, evaluated: Examples, truth: dict, split: str) -> dict:
         per_take = {m["take_uid"]: int(y) for m, y in zip(train.meta, train.y) if y >= 0}
         majority = majority_class(per_take.values())
         wanted = truth["takes"]
@@ -146,7 +146,7 @@ class DemonstrationProficiency(Task):
     name = "demonstration_proficiency"
     metric = "mAP"
 
-    def num_classes(self, release) -> int:
+    def outputs(self, release) -> int:
         return 1 + len(EVENT_CLASSES)
 
     def examples(self, release, features: FeatureStore, split: str, train: bool) -> Examples:
@@ -198,7 +198,7 @@ class DemonstrationProficiency(Task):
                 takes[uid][name] = [{"video_time": round(times[k], 4), "score": round(float(p[k]), 6)} for k in peaks]
         return {"task": self.name, "split": split, "takes": takes}
 
-    def evaluate(self, submission: dict, truth: dict) -> dict:
+    def evaluate(self, submission: dict, truth: dict, lenient: bool = False) -> dict:
         """Detections in takes the truth does not hold count as false positives (``unknown_takes``
         says how many such takes), as in the official script."""
         wanted = truth["takes"]
@@ -210,7 +210,7 @@ class DemonstrationProficiency(Task):
         unknown = sum(uid not in wanted for uid in submission.get("takes", {}))
         return dict(detection_map(predictions, truths), takes=len(wanted), unknown_takes=unknown)
 
-    def baselines(self, train: Examples, truth: dict, split: str) -> dict:
+    def baselines(self, train: Examples, evaluated: Examples, truth: dict, split: str) -> dict:
         """uniform: a detection of each class every second, all with the same score; random: as
         many at random times with random scores (seed 0)."""
         rng = np.random.default_rng(0)

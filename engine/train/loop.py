@@ -26,7 +26,7 @@ import time
 import numpy as np
 
 from engine import storage
-from engine.tasks.base import Examples, Task, TrainConfig, feature_scale
+from engine.tasks.base import Examples, Task, TrainConfig, example_scale
 
 
 def predict(model, x: np.ndarray, batch: int = 4096) -> np.ndarray:
@@ -73,7 +73,7 @@ def train_loop(cfg: dict) -> None:
     torch.set_num_threads(max(1, int(config.cpus_per_worker)))
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    head = task.head(cfg["scale"], cfg["classes"], config.hidden, config.dropout)
+    head = task.head(cfg["scale"], cfg["outputs"], config.hidden, config.dropout)
     model = ray.train.torch.prepare_model(head)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     state = {"epoch": 0, "history": [], "best": None, "best_state": None, "bad_epochs": 0, "resumed_from": []}
@@ -94,7 +94,8 @@ def train_loop(cfg: dict) -> None:
         if x is None:
             # Examples are pooled features (MBs, not frames): each worker reads its shard once
             # and reshuffles it in memory every epoch, instead of paying a dataset pass per epoch.
-            parts = list(shard.iter_torch_batches(batch_size=8192, dtypes={"x": torch.float32, "y": torch.int64,
+            y_type = torch.float32 if cfg["regression"] else torch.int64
+            parts = list(shard.iter_torch_batches(batch_size=8192, dtypes={"x": torch.float32, "y": y_type,
                                                                              "i": torch.int64}))
             # Blocks may arrive in any order: put the examples back in theirs, so a run
             # repeats exactly.
@@ -107,7 +108,7 @@ def train_loop(cfg: dict) -> None:
         seconds = time.perf_counter() - started
         metrics = task.evaluate(task.submission(predict(head, val.x), val, "val"), cfg["truth"])
         value = metrics[task.metric]
-        if state["best"] is None or value > state["best"]:
+        if state["best"] is None or (value > state["best"] if task.maximize else value < state["best"]):
             state.update(best=value, best_epoch=epoch, best_state=copy.deepcopy(head.state_dict()), bad_epochs=0)
         else:
             state["bad_epochs"] += 1
@@ -127,7 +128,7 @@ def train_loop(cfg: dict) -> None:
             break
 
 
-def fit(task: Task, train: Examples, val: Examples, truth: dict, classes: int, out: str,
+def fit(task: Task, train: Examples, val: Examples, truth: dict, outputs: int, out: str,
         config: TrainConfig, address: str | None = None) -> dict:
     """Train on Ray Train; return the final state (history, best weights, resume marks)."""
     import ray
@@ -136,18 +137,19 @@ def fit(task: Task, train: Examples, val: Examples, truth: dict, classes: int, o
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    labelled = train.y >= 0
-    train = Examples(train.x[labelled], train.y[labelled], [m for m, ok in zip(train.meta, labelled) if ok])
+    train = train.subset(train.labelled())
     if not len(train) or not len(val):
         raise ValueError(f"{task.name}: {len(train)} train and {len(val)} val examples; both are needed")
     if not ray.is_initialized():
         ray.init(address=address, log_to_driver=False, configure_logging=False)
     use_gpu = config.use_gpu if config.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
-    dataset = ray.data.from_items([{"x": x, "y": int(y), "i": i} for i, (x, y) in enumerate(zip(train.x, train.y))])
+    regression = train.y.dtype.kind == "f"
+    dataset = ray.data.from_items([{"x": x, "y": y if regression else int(y), "i": i}
+                                   for i, (x, y) in enumerate(zip(train.x, train.y))])
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"task": task, "config": config, "val": val, "truth": truth,
-                           "scale": feature_scale(train.x), "classes": classes},
+                           "scale": example_scale(train), "outputs": outputs, "regression": regression},
         scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": config.cpus_per_worker}),
         run_config=RunConfig(name="run", **ray_storage(out),
@@ -183,11 +185,11 @@ def run(task: Task, features_url: str, out: str, config: TrainConfig, release_ur
     train = task.examples(release, features, "train", train=True)
     val = task.examples(release, features, "val", train=False)
     truth = task.truth(release, "val")
-    classes = task.num_classes(release)
-    log(f"{task.name}: {len(train)} train and {len(val)} val examples, {features.dim}-d features, {classes} classes")
-    state = fit(task, train, val, truth, classes, out, config, address)
+    outputs = task.outputs(release)
+    log(f"{task.name}: {len(train)} train and {len(val)} val examples, {train.x.shape[1]}-d inputs, {outputs} outputs")
+    state = fit(task, train, val, truth, outputs, out, config, address)
 
-    head = task.head(feature_scale(train.x), classes, config.hidden, config.dropout)
+    head = task.head(example_scale(train.subset(train.labelled())), outputs, config.hidden, config.dropout)
     head.load_state_dict(state["best_state"])
     fs, out_path = storage.filesystem(out)
     buf = io.BytesIO()
@@ -208,7 +210,7 @@ def run(task: Task, features_url: str, out: str, config: TrainConfig, release_ur
             for name, content in task.official_files(submissions[split], release, split).items():
                 storage.write_json_atomic(fs, storage.join(out_path, name), content)
     val_metrics = task.evaluate(submissions["val"], truth)
-    result = {"task": task.name, "metric": task.metric, "val": val_metrics, "baselines": task.baselines(train, truth, "val"),
+    result = {"task": task.name, "metric": task.metric, "val": val_metrics, "baselines": task.baselines(train, val, truth, "val"),
               "best_epoch": state["best_epoch"], "epochs_run": state["epoch"], "resumed_from": state["resumed_from"],
               "train_examples": len(train), "val_examples": len(val), "features": features_url,
               "config": dataclasses.asdict(config)}

@@ -69,7 +69,9 @@ def _metrics_section(tasks: list[dict], out: str) -> str:
         base = "<br>".join(f"{k} {v:.4f}" for k, v in t["baselines"].items())
         other = "<br>".join(f"{k} {fmt(v)}" for k, v in t["val"].items() if k != t["metric"])
         files = " ".join(link(storage.join(t["record"]["output"], n), out, n) for n in t["files"])
-        rows.append(f"<tr><td>{t['task']}</td><td>{t['metric']}</td><td><b>{t['value']:.4f}</b></td><td>{base}</td>"
+        task = TASKS.get(t["task"])
+        better = "" if task is None else f" ({'higher' if task.maximize else 'lower'} is better)"
+        rows.append(f"<tr><td>{t['task']}</td><td>{t['metric']}{better}</td><td><b>{t['value']:.4f}</b></td><td>{base}</td>"
                     f"<td>{other}</td><td>{t['best_epoch']} / {t['epochs_run']}</td>"
                     f"<td>{t['train_examples']} / {t['val_examples']}</td><td>{files}</td></tr>")
     return "<h2>Benchmarks</h2><table>" + "".join(rows) + "</table>"

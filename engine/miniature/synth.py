@@ -175,7 +175,9 @@ def plan_release(takes: int, seconds: float, seed: int = 0, scenarios: list[str]
         capture_name = f"{university}_{scenario.slug}_{capture_no:02d}"
         task_id, task_name = scenario.tasks[int(trng.integers(len(scenario.tasks)))]
         proficiency = PROFICIENCY_LEVELS[int(trng.choice(4, p=[0.2, 0.25, 0.35, 0.2]))]
-        segments = _plan_segments(trng, scenario, seconds, classes) if scenario.procedural else []
+        # Mistakes draw from their own stream, so that adding them left the other draws as they were.
+        mistakes = np.random.default_rng(seeds[i].spawn(1)[0])
+        segments = _plan_segments(trng, mistakes, scenario, seconds, classes) if scenario.procedural else []
         events = [] if scenario.procedural else _plan_events(trng, seconds)
         plans.append(TakePlan(
             index=i, seed=int(trng.integers(2**31)), take_uid=_uuid(trng),
@@ -188,7 +190,7 @@ def plan_release(takes: int, seconds: float, seed: int = 0, scenarios: list[str]
     return plans
 
 
-def _plan_segments(rng, scenario: Scenario, seconds: float, classes) -> list[mo.Segment]:
+def _plan_segments(rng, mistakes, scenario: Scenario, seconds: float, classes) -> list[mo.Segment]:
     steps = list(range(len(scenario.keysteps)))
     t, k, out = 0.4, 0, []
     order = []
@@ -196,7 +198,7 @@ def _plan_segments(rng, scenario: Scenario, seconds: float, classes) -> list[mo.
         order += steps
     if scenario.keysteps:
         for pos in range(len(order) - 1):
-            if rng.random() < MISTAKE_RATE:   # a procedural mistake: two steps done out of order
+            if mistakes.random() < MISTAKE_RATE:   # a procedural mistake: two steps done out of order
                 order[pos], order[pos + 1] = order[pos + 1], order[pos]
     for _pos, step in enumerate(order):
         if scenario.keysteps and step % 3 == 2 and rng.random() < 0.25:

@@ -210,6 +210,9 @@ def _with_params(cls: type, args, command: str, main) -> int:
     except (ValueError, ContentError) as e:
         print(f"ee4d {command}: {e}", file=sys.stderr)
         return 2
+    except stages.StageBusy as e:
+        print(f"ee4d {command}: {e}", file=sys.stderr)
+        return 1
     except Exception as e:
         fault = storage_fault(e)
         if fault is None:

@@ -10,6 +10,10 @@ A stage run writes into one output folder and, last, ``stage.json`` with ``"stat
 "done"``: that record is the commit marker. It is written first with ``"status":
 "running"`` (the claim), so a folder never mixes two configurations: rerun with the same
 fingerprint, a stage resumes in place (finished units are kept); with another, it refuses.
+The claim names its run (``run_id``, host, pid) and is renewed while the work goes on, so a
+second run reaching a stage that another live run is writing stops there (``StageBusy``)
+instead of writing beside it; a claim whose run died (its pid is gone on this host, or it was
+not renewed for LEASE_S) is taken over.
 
 The fingerprint hashes the kind, its format version, the settings that fix its output
 (``Params.identity``) and its inputs' fingerprints, so the same work has the same fingerprint
@@ -22,13 +26,18 @@ import hashlib
 import importlib
 import json
 import os
+import socket
+import threading
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
 from engine import storage
 
 RECORD = "stage.json"
+LEASE_S = 60.0       # a claim not renewed for this long belongs to a run that is gone
+SETTLE_S = 0.3       # two claims written at once: the later one stands, the earlier run sees it and yields
 # Modules that register the built-in kinds and benchmarks, in run order.
 BUILTIN = ("engine.release.stage", "engine.release.validate", "engine.shards.job", "engine.pretrain.stage",
            "engine.features.job", "engine.train.stage", "engine.graph.report")
@@ -46,6 +55,7 @@ class Context:
     stage: str = ""                       # the stage being run, e.g. task/keystep_recognition
     records: dict[str, dict] = dataclasses.field(default_factory=dict)   # this run's records so far
     urls: dict[str, str] = dataclasses.field(default_factory=dict)       # this run's stage outputs
+    run_id: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex[:12])   # names its claims
 
     def log(self, *args, **kwargs) -> None:
         if self.progress:
@@ -194,13 +204,78 @@ class Stage:
                 **extra}
 
 
+class StageBusy(RuntimeError):
+    """Another live run is writing this stage's folder."""
+
+
+_HELD: dict[str, str] = {}    # record path -> run_id, for the claims this process holds now
+
+
+def _claim_is_live(record: dict, record_path: str) -> bool:
+    """Whether a "running" record's run may still be at work: renewed within LEASE_S and, when
+    it ran on this host, its process still exists (in this process: it still holds the claim)."""
+    if time.time() - float(record.get("renewed", 0)) > LEASE_S:
+        return False
+    if record.get("host") == socket.gethostname() and record.get("pid") == os.getpid():
+        return _HELD.get(record_path) == record.get("run_id")
+    if record.get("host") == socket.gethostname() and record.get("pid"):
+        try:
+            os.kill(int(record["pid"]), 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:       # another user's process: alive
+            pass
+    return True
+
+
+def _busy(stage: Stage, record: dict) -> StageBusy:
+    return StageBusy(f"{stage.name}: {stage.url} is being written by run {record.get('run_id')} "
+                     f"(host {record.get('host')}, pid {record.get('pid')}); it was left to that run: "
+                     "rerun when it has finished to reuse its output")
+
+
+class _Claim:
+    """This run's claim on a stage folder, renewed every LEASE_S / 4 until released."""
+
+    def __init__(self, stage: Stage, fs, record_path: str, record: dict):
+        self.stage, self.fs, self.record_path, self.record = stage, fs, record_path, record
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._renew, daemon=True)
+
+    def _write(self) -> None:
+        storage.write_json_atomic(self.fs, self.record_path, {**self.record, "renewed": time.time()})
+
+    def _renew(self) -> None:
+        while not self.stop.wait(LEASE_S / 4):
+            try:
+                self._write()
+            except Exception:   # noqa: BLE001 - a missed renewal only shortens the lease
+                pass
+
+    def __enter__(self):
+        self._write()
+        time.sleep(SETTLE_S)
+        holder = storage.read_json(self.fs, self.record_path)
+        if holder.get("run_id") != self.record["run_id"]:
+            raise _busy(self.stage, holder)
+        _HELD[self.record_path] = self.record["run_id"]
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        _HELD.pop(self.record_path, None)
+        self.stop.set()
+        if self.thread.is_alive():
+            self.thread.join()
+
+
 def execute(stage: Stage, input_urls: dict[str, str], input_fps: dict[str, str], ctx: Context,
             commit: bool = True) -> dict:
     """Claim the stage's folder, run its work, commit its record; return the record.
 
-    A finished stage with this fingerprint is returned as it is (``status`` "reused"). A
-    failure (or ``commit=False``) leaves the claim, never a done record, so a rerun redoes
-    what is missing."""
+    A finished stage with this fingerprint is returned as it is (``status`` "reused"). A folder
+    another live run has claimed raises StageBusy. A failure (or ``commit=False``) leaves the
+    claim, never a done record, so a rerun redoes what is missing."""
     fs, path = storage.filesystem(stage.url, ctx.storage_options)
     record_path = storage.join(path, RECORD)
     existing = storage.read_json(fs, record_path) if fs.exists(record_path) else None
@@ -210,13 +285,18 @@ def execute(stage: Stage, input_urls: dict[str, str], input_fps: dict[str, str],
                          "use a new output location")
     if existing and existing.get("status") == "done":
         return {**existing, "status": "reused"}
-    storage.write_json_atomic(fs, record_path, stage.record("running", input_urls, input_fps))
-    started = time.time()
-    if stage.kind.needs_ray:
-        ensure_ray(ctx.address)
-    result = stage.kind.run(stage.params, input_urls, stage.url, dataclasses.replace(ctx, stage=stage.name))
+    if existing and existing.get("status") == "running" and existing.get("run_id") != ctx.run_id \
+            and _claim_is_live(existing, record_path):
+        raise _busy(stage, existing)
+    owner = {"run_id": ctx.run_id, "host": socket.gethostname(), "pid": os.getpid()}
+    with _Claim(stage, fs, record_path, stage.record("running", input_urls, input_fps, **owner)):
+        started = time.time()
+        if stage.kind.needs_ray:
+            ensure_ray(ctx.address)
+        result = stage.kind.run(stage.params, input_urls, stage.url, dataclasses.replace(ctx, stage=stage.name))
     record = stage.record("done", input_urls, input_fps, seconds=round(time.time() - started, 3),
-                          finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), result=result)
+                          finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), result=result,
+                          run_id=ctx.run_id)
     if commit:
         storage.write_json_atomic(fs, record_path, record)
     return {**record, "status": "ran"}

@@ -83,7 +83,7 @@ def run(spec: Spec, out: str | None = None, address: str | None = None, progress
     log = ctx.log
     named = {s.name: s for s in planned}
     started, failed = time.time(), []
-    log(f"run {spec.name}: {len(planned)} stages -> {out}")
+    log(f"run {spec.name} ({ctx.run_id}): {len(planned)} stages -> {out}")
     for i, stage in enumerate(planned, 1):
         at = f"[{i}/{len(planned)}] {stage.name}"
         input_urls = {k: named[n].url for k, n in stage.inputs.items()}
@@ -124,7 +124,8 @@ def run(spec: Spec, out: str | None = None, address: str | None = None, progress
         else:
             log(f"{at}: done in {record['seconds']:.1f} s {_brief(record.get('result', {}))}")
     report = next((s for s in planned if s.kind.uses_all_stages), None)
-    result = {"name": spec.name, "out": out, "spec": spec.source, "seconds": round(time.time() - started, 3),
+    result = {"name": spec.name, "run_id": ctx.run_id, "out": out, "spec": spec.source,
+              "seconds": round(time.time() - started, 3),
               "failed": failed, "stages": [ctx.records[s.name] for s in planned],
               "report": storage.join(out, "report.html") if report else None}
     fs, out_path = storage.filesystem(out)

@@ -1,7 +1,8 @@
 """One training loop for every benchmark, on Ray Train's TorchTrainer.
 
 Train examples travel as a Ray Dataset and reach each worker through ``get_dataset_shard``
-(read once, then reshuffled in memory each epoch: they are pooled features); the global batch
+(read once, then reshuffled in memory each epoch: they are small, pooled features, pose windows
+or thumbnail frames, so a split must fit in a worker's memory); the global batch
 is split across workers and DDP averages gradients, so one worker and two train the same model
 up to data order. After every epoch each worker scores the validation split with the task's
 official metric (same weights on every rank, so every rank takes the same early-stopping
@@ -92,8 +93,8 @@ def train_loop(cfg: dict) -> None:
     batch_size = max(1, config.batch_size // world)
     for epoch in range(state["epoch"], config.epochs):
         if x is None:
-            # Examples are pooled features (MBs, not frames): each worker reads its shard once
-            # and reshuffles it in memory every epoch, instead of paying a dataset pass per epoch.
+            # Examples are small (pooled features, pose windows, thumbnails): each worker reads its
+            # shard once and reshuffles it in memory every epoch, instead of a dataset pass each.
             y_type = torch.float32 if cfg["regression"] else torch.int64
             parts = list(shard.iter_torch_batches(batch_size=8192, dtypes={"x": torch.float32, "y": y_type,
                                                                              "i": torch.int64}))

@@ -116,13 +116,23 @@ def _submit(args) -> int:
     entrypoint = " ".join(["python -m engine run", shlex.quote(os.path.relpath(spec_path, base)),
                            "--out", shlex.quote(out)] + [f"--set {shlex.quote(s)}" for s in args.set or []])
     client = _jobs_client(args.address)
-    job_id = client.submit_job(
+    submission = dict(
         entrypoint=entrypoint, submission_id=args.job_id, metadata={"ee4d_spec": spec.name, "out": out},
         runtime_env={"working_dir": working_dir,
                      **({} if in_place else {"excludes": [".venv/", "runs/", ".git/", "__pycache__/", "*.pyc",
                                                           ".pytest_cache/"]}),
                      # the job registers the same plugin stages and benchmarks as this spec was checked with
                      "env_vars": {k: os.environ[k] for k in (stages.PLUGINS_ENV,) if os.environ.get(k)}})
+    deadline = time.time() + 120
+    while True:
+        try:
+            job_id = client.submit_job(**submission)
+            break
+        except RuntimeError as e:
+            # A cluster just started has no job agent yet; Ray says to try again later.
+            if "No available agent" not in str(e) or time.time() > deadline:
+                raise
+            time.sleep(2)
     print(f"submitted {job_id} to {args.address}: {entrypoint}")
     print(f"  ee4d status {job_id} --address {args.address}\n  ee4d logs {job_id} --address {args.address} --follow")
     if not args.wait:

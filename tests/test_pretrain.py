@@ -129,7 +129,7 @@ def test_pretraining_learns_cross_view_retrieval(pretrained):
     out, result = pretrained
     after, before = result["retrieval"], result["retrieval_random_init"]
     assert after["queries"] == 12 and after["gallery"] == 48
-    assert after["top1"] >= 3 * after["chance_top1"], (after, before)
+    assert after["top1"] >= 3 * after["chance_top1"] - 1e-9, (after, before)    # 3 of 12 is 3x chance
     assert after["top1"] > before["top1"] and after["top5"] > before["top5"]
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [h["step"] for h in history] == list(range(1, result["steps"] + 1)) and result["resumed_from"] == []

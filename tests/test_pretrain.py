@@ -145,7 +145,19 @@ def test_a_run_killed_after_its_first_checkpoint_resumes_from_it(train_shards, t
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     progress = out / loop.PROGRESS
     deadline = time.time() + 240
-    while not progress.exists() and time.time() < deadline and driver.poll() is None:
+    # Kill once Ray Train's controller has recorded the checkpoint progress.json names: the
+    # worker writes progress.json when its report returns, a moment before the controller's
+    # snapshot has it, and a kill in between leaves a run whose restore is behind its progress.
+    snapshot = out / "ray" / "run" / "checkpoint_manager_snapshot.json"
+
+    def recorded() -> int:
+        try:
+            return json.loads(snapshot.read_text())["latest_checkpoint_result"]["metrics"]["step"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return -1
+
+    while not (progress.exists() and recorded() >= json.loads(progress.read_text())["step"]) \
+            and time.time() < deadline and driver.poll() is None:
         time.sleep(0.05)
     os.killpg(driver.pid, signal.SIGKILL)   # the driver and the Ray processes it started
     driver.wait()

@@ -349,24 +349,22 @@ class EgoHandPose(PoseTask):
         with release.open_file(view.path) as f:
             return dict(video.decode(f, size=size, indices=set(frames)))
 
-    def _hands_in_camera(self, release, split: str, uid: str, kinds: list[str]) -> dict[tuple[int, str], np.ndarray]:
-        """(frame, annotation kind) -> [2, 21, 3] hands in the Aria camera's frame."""
-        pose = release.camera_pose(split, uid)
-        aria = release.take(uid).ego_view.cam_id
-        out = {}
-        for kind in kinds:
-            if uid in release.ego_pose_takes(split, "hand", kind):
-                for frame, ann in release.ego_pose(split, "hand", uid, kind).items():
-                    out[(frame, kind)] = to_camera(hand_arrays(ann.joints3d), pose.world_to_camera(aria, frame))
+    def _hands_in_camera(self, release, split: str, kinds: list[str]) -> dict[str, dict[tuple[int, str], np.ndarray]]:
+        """take_uid -> (frame, annotation kind) -> [2, 21, 3] hands in the Aria camera's frame; each
+        kind's folder is listed once."""
+        listed = {kind: set(release.ego_pose_takes(split, "hand", kind)) for kind in kinds}
+        out: dict[str, dict] = {}
+        for uid in sorted(set().union(*listed.values())):
+            pose, aria = release.camera_pose(split, uid), release.take(uid).ego_view.cam_id
+            out[uid] = {(frame, kind): to_camera(hand_arrays(ann.joints3d), pose.world_to_camera(aria, frame))
+                        for kind in kinds if uid in listed[kind]
+                        for frame, ann in release.ego_pose(split, "hand", uid, kind).items()}
         return out
 
     def examples(self, release, features, split: str, train: bool) -> Examples:
-        kinds = self.kinds(train)
-        uids = sorted({uid for kind in kinds for uid in release.ego_pose_takes(split, "hand", kind)})
         xs, ys, meta = [], [], []
-        for uid in uids:
-            hands = {key: h for key, h in self._hands_in_camera(release, split, uid, kinds).items()
-                     if np.isfinite(h).any() or key[1] == "annotation"}
+        for uid, annotated in sorted(self._hands_in_camera(release, split, self.kinds(train)).items()):
+            hands = {key: h for key, h in annotated.items() if np.isfinite(h).any() or key[1] == "annotation"}
             images = self._frames(release, uid, sorted({f for f, _ in hands}))
             for (frame, kind), h in sorted(hands.items()):
                 if frame not in images:
@@ -380,8 +378,8 @@ class EgoHandPose(PoseTask):
 
     def truth(self, release, split: str) -> dict:
         out: dict = {}
-        for uid in release.ego_pose_takes(split, "hand", "annotation"):
-            for (frame, _), hands in sorted(self._hands_in_camera(release, split, uid, ["annotation"]).items()):
+        for uid, annotated in self._hands_in_camera(release, split, ["annotation"]).items():
+            for (frame, _), hands in sorted(annotated.items()):
                 entry = {}
                 for side, h in zip(HANDS, hands):
                     valid = np.isfinite(h[:, 0])

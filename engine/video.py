@@ -557,8 +557,8 @@ def decode_audio(source, start: float, end: float) -> tuple[np.ndarray, int]:
                     break
                 continue
             data = frame.to_ndarray()
-            if frame.format.name not in ("fltp", "flt"):
-                data = frame.reformat(format="fltp").to_ndarray()
+            if data.dtype.kind == "i":      # integer PCM (a wav file): scale to [-1, 1)
+                data = data.astype(np.float32) / (np.iinfo(data.dtype).max + 1.0)
             if not frame.format.is_planar:
                 data = data.reshape(-1, stream.channels).T
             lo, hi = max(first - at, 0), min(last - at, data.shape[1])

@@ -25,7 +25,7 @@ from engine.tasks import TASKS
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_TASKS = ("keystep_recognition", "demonstrator_proficiency", "demonstration_proficiency",
-              "procedure_understanding", "ego_body_pose", "ego_hand_pose")
+              "procedure_understanding", "ego_body_pose", "ego_hand_pose", "online_keystep")
 # The demo spec, shrunk: 10 takes of 4 s hold val examples for every benchmark; 4 pretraining steps.
 SMALL = ["release.synth.preset=tiny", "release.synth.takes=10", "release.synth.seconds=4"] + [
     f"tasks.{t}.epochs=4" for t in DEMO_TASKS] + ["pretrain.steps=4"]
@@ -84,7 +84,7 @@ def assert_close(got, expected, where="outputs"):
 
 def reported_metrics(out: Path) -> dict[str, str]:
     """Benchmark -> the val metric as the report's table shows it."""
-    rows = re.findall(r"<tr><td>(\w+)</td><td>(\w+) \((?:higher|lower) is better\)</td><td><b>([0-9.]+)</b></td>",
+    rows = re.findall(r"<tr><td>(\w+)</td><td>([\w@.]+) \((?:higher|lower) is better\)</td><td><b>([0-9.]+)</b></td>",
                       (out / "report.html").read_text())
     return {task: f"{metric} {value}" for task, metric, value in rows}
 
@@ -114,7 +114,9 @@ def test_the_demo_spec_runs_end_to_end_and_reports_every_benchmark(demo_run):
             # Links are relative to the run folder and lead to the files.
             assert f"href='{folder.relative_to(demo_run)}/submission_val.json'" in report
     assert sorted(reported_metrics(demo_run)) == sorted(DEMO_TASKS)
-    assert report.count("data:image/png;base64,") == 3      # pretraining and training curves, the strip of frames
+    # Pretraining and training curves, the strip of frames, online keystep's mcAP against power.
+    assert report.count("data:image/png;base64,") == 4
+    assert "<h3>online_keystep: mcAP against average power (mW)</h3>" in report
     assert "body and hand keypoints (manual annotation) and object masks" in report
     assert "<h2>Pretraining</h2>" in report and "ego&rarr;exo top-1" in report
     for record in json.loads((demo_run / "run.json").read_text())["stages"]:

@@ -193,6 +193,84 @@ def test_procedure_counting_graph_and_evaluation_by_hand():
     assert result["mean_cAP"] == pytest.approx(np.mean([0.75, 0.5, 0.75, result["cAP_missing"], 2 / 3]))
 
 
+def test_energy_counts_macs_and_activation_bytes_by_hand():
+    import torch
+    from torch import nn
+
+    from engine.tasks import energy
+
+    # Linear 4 -> 3 on one example: 12 MACs; it reads the 4 inputs and writes the 3 outputs
+    # (float32; its weights are resident): 28 bytes. ReLU reads and writes 3 more values; Flatten
+    # is a view and moves nothing.
+    assert energy.count([nn.Linear(4, 3)], [torch.zeros(1, 4)]) == {"macs": 12, "bytes": 28}
+    assert energy.count([nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Flatten())], [torch.zeros(1, 4)]) == \
+        {"macs": 12, "bytes": 52}
+    # A 3x3 convolution, one channel in, two out, on 5x5: 2 x 3 x 3 outputs of 9 MACs each.
+    assert energy.count([nn.Conv2d(1, 2, 3)], [torch.zeros(1, 1, 5, 5)]) == {"macs": 162, "bytes": 4 * (25 + 18)}
+    # One step by hand: 1e6 MACs x 4.6 pJ + 1e4 bytes x 80 pJ + (15 + 0.5) mW x 0.2 s.
+    step = energy.step_energy_j("audio+rgb", {"macs": 10 ** 6, "bytes": 10 ** 4})
+    assert step == pytest.approx(4.6e-6 + 0.8e-6 + 15.5e-3 * 0.2)
+    assert energy.step_energy_j("", {"macs": 0, "bytes": 0}) == 0.0
+    with pytest.raises(ValueError, match="unknown sensor 'imu'"):
+        energy.step_energy_j("audio+imu", {"macs": 0, "bytes": 0})
+
+
+def test_online_keystep_steps_labels_and_policies_use_the_past_only():
+    from engine.release.records import KeystepBenchmarkSegment
+    from engine.tasks.online import run_policy, step_frames, step_labels
+
+    assert step_frames(30.0, 35) == [5, 11, 17, 23, 29]          # whole 0.2 s steps; each ends on its last frame
+    segments = [KeystepBenchmarkSegment("A", 0.3, 0.7, 4, 40, None), KeystepBenchmarkSegment("A", 0.5, 1.0, 2, 20, None)]
+    assert step_labels([0.2, 0.4, 0.6, 0.8, 1.0], segments) == [0, 5, 3, 3, 0]    # background 0, label_id + 1
+    confident, unsure = np.tile([0.05, 0.95], (5, 1)), np.tile([0.5, 0.5], (5, 1))
+    scores, sensors = run_policy("confidence_0.9", confident, unsure)
+    # The camera starts on; a confident step turns it off for the next, an unsure one back on.
+    assert sensors == ["audio+rgb", "audio", "audio+rgb", "audio", "audio+rgb"]
+    assert np.array_equal(scores, np.where(np.array([1, 0, 1, 0, 1], bool)[:, None], confident, unsure))
+    assert run_policy("duty_2", confident, unsure)[1] == sensors
+    assert set(run_policy("audio", confident, unsure)[1]) == {"audio"}
+    assert set(run_policy("rgb", confident, unsure)[1]) == {"audio+rgb"}
+
+
+def test_online_keystep_evaluation_picks_the_best_run_within_each_budget():
+    from engine.tasks.metrics import calibrated_ap
+
+    task = TASKS["online_keystep"]()
+    truth = {"step_s": 0.2, "classes": 3, "takes": {"A": [0, 1, 1, 2], "B": [2, 2, 0, 0]}}
+    labels = np.array([0, 1, 1, 2, 2, 2, 0, 0])
+    perfect = np.eye(3)[labels]
+    noisy = np.random.default_rng(0).random((8, 3))
+
+    def run(scores, sensors, compute):
+        return {"compute": compute, "takes": {"A": {"scores": scores[:4].tolist(), "sensors": sensors[:4]},
+                                              "B": {"scores": scores[4:].tolist(), "sensors": sensors[4:]}}}
+
+    # big: perfect, 5e8 MACs a step (11.5 mW) plus both sensors: 27 mW, within 2.8 W only.
+    # small: the noisy scores on the microphone alone, 1e5 MACs and 1e4 bytes a step.
+    submission = {"runs": {"big": run(perfect, ["audio+rgb"] * 8, {"audio+rgb": {"macs": 5 * 10 ** 8, "bytes": 0}}),
+                           "small": run(noisy, ["audio"] * 8, {"audio": {"macs": 10 ** 5, "bytes": 10 ** 4}})}}
+    result = task.evaluate(submission, truth)
+    small = np.mean([calibrated_ap(noisy[:, c], labels == c) for c in (1, 2)])
+    assert result["mcAP_big"] == 1.0 and result["mcAP_small"] == pytest.approx(small)
+    assert result["power_mW_big"] == pytest.approx((5e8 * 4.6e-12 + 15.5e-3 * 0.2) / 0.2 * 1e3)
+    assert result["power_mW_small"] == pytest.approx((1e5 * 4.6e-12 + 1e4 * 80e-12 + 0.5e-3 * 0.2) / 0.2 * 1e3)
+    assert result["mcAP@2.8W"] == 1.0 and result["mcAP@20mW"] == pytest.approx(small)
+    assert (result["steps"], result["takes"], result["missing"], result["ignored"]) == (8, 2, 0, 0)
+
+    del submission["runs"]["small"]["takes"]["B"]
+    with pytest.raises(ValueError, match="run 'small' has no prediction for take B"):
+        task.evaluate(submission, truth)
+    lenient = task.evaluate(submission, truth, lenient=True)       # B's steps scored lowest, no energy
+    assert lenient["missing"] == 1 and lenient["mcAP_small"] < 1.0
+    submission["runs"]["big"]["takes"]["A"]["scores"].pop()
+    with pytest.raises(ValueError, match="take A: 4 steps of 3 scores"):
+        task.evaluate(submission, truth, lenient=True)
+    submission["runs"]["big"]["takes"]["A"]["scores"].append([1, 0, 0])
+    submission["runs"]["big"]["takes"]["A"]["sensors"][0] = "rgb"
+    with pytest.raises(ValueError, match="uses sensors 'rgb' but gives no compute"):
+        task.evaluate(submission, truth, lenient=True)
+
+
 # ----------------------------------------------------------------------------- training on Ray Train
 
 def _features(release: Path, root: Path) -> Path:
@@ -337,6 +415,28 @@ def test_procedure_understanding_beats_random_and_matches_the_counting_graph(lea
     # The model starts as the graph, its learned correction gated from zero; the miniature's
     # annotations follow a task graph that counting recovers, so matching it is the goal here.
     assert result["val"]["mean_cAP"] >= result["baselines"]["graph"] - 0.01
+
+
+def test_online_keystep_beats_always_background_within_budget(learn_features, learn_release, tmp_path, capsys):
+    from engine.tasks import energy
+
+    out = tmp_path / "online"
+    result = _train_and_check("online_keystep", learn_features, learn_release, out, capsys)
+    val = result["val"]
+    assert val["mcAP@2.8W"] > result["baselines"]["background"]
+    assert val["mcAP@2.8W"] > result["baselines"]["random"]
+    # Each run's power is the energy table applied to its steps: every step of the rgb run costs
+    # the model's audio and RGB branches plus both sensors; the audio run's, far less.
+    submission = json.loads((out / "submission_val.json").read_text())
+    rgb = submission["runs"]["rgb"]
+    assert {s for t in rgb["takes"].values() for s in t["sensors"]} == {"audio+rgb"}
+    assert val["power_mW_rgb"] == pytest.approx(energy.step_energy_j("audio+rgb", rgb["compute"]["audio+rgb"]) / 0.2 * 1e3)
+    assert val["power_mW_audio"] < 0.1 * val["power_mW_rgb"]
+    assert val["power_mW_audio"] < val["power_mW_duty_4"] < val["power_mW_duty_2"] < val["power_mW_rgb"]
+    # The truth has a step per 0.2 s of each val take, and so does every run.
+    truth = TASKS["online_keystep"]().truth(Release.open(str(learn_release)), "val")
+    assert {uid: len(t["scores"]) for uid, t in rgb["takes"].items()} == {uid: len(v) for uid, v in truth["takes"].items()}
+    assert (out / "submission_test.json").exists()
 
 
 def test_two_workers_train_like_one(learn_features, tmp_path):

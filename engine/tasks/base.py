@@ -131,6 +131,11 @@ class Task:
         """Trivial baselines on the split whose examples are ``evaluated``, scored by evaluate()."""
         raise NotImplementedError
 
+    def tradeoff(self, metrics: dict) -> dict | None:
+        """Operating points for the report to plot, from evaluate()'s result: {"x", "y" (axis
+        labels), "points": {name: (x, y)}, "limits": {name: x}}; None for most benchmarks."""
+        return None
+
     def official_files(self, submission: dict, release, split: str) -> dict[str, dict]:
         """Files for an official scorer whose input differs from our submission (name -> JSON),
         written beside it; none by default."""

@@ -97,7 +97,35 @@ def _curves_section(tasks: list[dict]) -> str:
         ax2.set_ylabel(f"val {t['metric']}", color="tab:orange")
         ax2.axvline(t["best_epoch"], color="gray", linestyle=":", linewidth=1)
     fig.tight_layout()
-    return "<h2>Training curves</h2>" + png(fig)
+    return "<h2>Training curves</h2>" + png(fig) + _tradeoff_section(done)
+
+
+def _tradeoff_section(tasks: list[dict]) -> str:
+    """Benchmarks with operating points (online keystep: mcAP against power) get a plot each."""
+    import matplotlib.pyplot as plt
+
+    from engine.graph.report import png
+
+    out = ""
+    for t in tasks:
+        task = TASKS.get(t["task"])
+        curve = task().tradeoff(t["val"]) if task else None
+        if not curve:
+            continue
+        fig, ax = plt.subplots(figsize=(5, 3.4))
+        for name, (x, y) in curve["points"].items():
+            ax.scatter([x], [y])
+            ax.annotate(name, (x, y), fontsize=8, xytext=(3, 3), textcoords="offset points")
+        for name, x in curve["limits"].items():
+            ax.axvline(x, color="gray", linestyle=":", linewidth=1)
+            ax.annotate(name, (x, 0), fontsize=8, color="gray", xycoords=("data", "axes fraction"))
+        ax.set_xscale("log")
+        ax.set_xlabel(curve["x"])
+        ax.set_ylabel(curve["y"])
+        ax.set_title(t["task"], fontsize=10)
+        fig.tight_layout()
+        out += f"<h3>{t['task']}: {curve['y']} against {curve['x']}</h3>" + png(fig)
+    return out
 
 
 KIND = stages.register(stages.StageKind(

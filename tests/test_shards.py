@@ -261,6 +261,33 @@ def test_bad_takes_go_to_rejects_and_the_rest_is_sharded(faults_release, tmp_pat
     assert sharded == {t.take_uid for t in takes[3:]}
 
 
+def test_drift_trim_cuts_every_view_to_the_common_frames_and_says_so(faults_release, tmp_path, local_ray):
+    out = tmp_path / "shards"
+    job.run(str(faults_release), str(out), ShardConfig(window=1.0, resolution="full", shard_mb=0.2, drift="trim"),
+            progress=False)
+    takes = Release.open(str(faults_release)).takes()
+    short = takes[2]                      # its cam01 lacks the last 7 frames of the other views
+    rejects = {r["take_uid"] for r in json.loads((out / "rejects.json").read_text())}
+    assert rejects == {takes[0].take_uid, takes[1].take_uid}         # broken files are still rejected
+    [problem] = [p for p in json.loads((out / "problems.json").read_text()) if short.take_name in p["reason"]]
+    assert problem["file"].endswith("cam01.mp4") and "trimmed to" in problem["reason"]
+    samples = [s for s in _samples(glob.glob(str(out / "*" / "*.tar")))
+               if json.loads(s["json"])["take"]["take_uid"] == short.take_uid]
+    metas = sorted((json.loads(s["json"]) for s in samples), key=lambda m: m["window"]["start_frame"])
+    with open(faults_release / short.views("full")[0].path, "rb") as f:
+        full = video.probe(f).frames
+    assert metas and all(m["take"]["num_frames"] == full - 7 for m in metas)
+    assert metas[0]["take"]["drift_frames"] == {name: 7 for name in metas[0]["views"] if name != "cam01"}
+    assert metas[-1]["window"]["end_frame"] == full - 7
+    last = next(s for s in samples if json.loads(s["json"])["key"] == metas[-1]["key"])
+    for name, view in metas[-1]["views"].items():             # every view decodes to the trimmed window
+        assert view["source_frames"][-1] == full - 8
+        assert len(list(video.decode(io.BytesIO(last[view["member"]])))) == len(view["source_frames"]), name
+    # The other takes carry no drift.
+    assert all(json.loads(s["json"])["take"]["drift_frames"] == {} for s in _samples(glob.glob(str(out / "*" / "*.tar")))
+               if json.loads(s["json"])["take"]["take_uid"] != short.take_uid)
+
+
 def test_s3_output_equals_local_output(tiny_release, tmp_path, s3_endpoint, local_ray):
     options = {"key": "testing", "secret": "testing", "endpoint_url": s3_endpoint}
     fs = s3fs.S3FileSystem(**options)

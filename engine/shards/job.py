@@ -282,7 +282,7 @@ def _summary(record: dict) -> str:
 
 
 KIND = stages.register(stages.StageKind(
-    name="shard", params=ShardConfig, run=_run, inputs=("release",), folder="shards", needs_ray=True, version=6,
+    name="shard", params=ShardConfig, run=_run, inputs=("release",), folder="shards", needs_ray=True, version=7,
     rejects=_rejects, help="time-aligned multi-view WebDataset shards of a release (Ray Data)",
     resources=lambda config: "Ray Data: one task (1 CPU) per shard, spread across nodes",
     command=stages.Command("shard", "write time-aligned multi-view WebDataset shards of a release (Ray Data)",

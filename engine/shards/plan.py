@@ -13,6 +13,7 @@ from engine.release import records as rec
 MODES = ("remux", "transcode", "frames")
 VIEW_SETS = ("ego", "ego+best_exo", "all")
 SPLITS = ("train", "val", "test")
+DRIFT_POLICIES = ("reject", "trim")
 RESOLUTIONS = ("full", "448")
 
 
@@ -33,6 +34,9 @@ class ShardConfig(P.Params):
     fps: float | None = P.setting(None, "transcode/frames: output frame rate (default: 30, every frame)")
     gop: int = P.setting(30, "transcode: keyframe interval in frames")
     shard_mb: float = P.setting(1000.0, "target shard size in MB")
+    drift: str = P.setting("reject", "a take whose views differ in frame count: reject it, or trim every view to "
+                                     "the frames all of them have (recorded in the sample and problems.json)",
+                           choices=DRIFT_POLICIES)
 
     def __post_init__(self):
         super().__post_init__()

@@ -53,7 +53,8 @@ class TakeSource:
     dense: dense.TakeDense            # poses, camera poses and masks as arrays, cut per window later
     trajectory: dict[str, np.ndarray] | None
     gaze: dict[str, np.ndarray] | None
-    problems: list[dict]              # annotation files that could not be read: {file, reason}
+    problems: list[dict]              # annotation files that could not be read, views trimmed: {file, reason}
+    drift: dict[str, int]             # view -> frames past num_frames left out (drift: trim)
 
     @classmethod
     def load(cls, release: Release, take: rec.Take, split: str, config: ShardConfig) -> TakeSource:
@@ -69,13 +70,21 @@ class TakeSource:
                     counts[name] = video.probe(f).frames
             except video.VideoError as e:
                 raise BadTake(f"{view.key}: {e}") from None
-        if len(set(counts.values())) > 1:
-            raise BadTake(f"views disagree on frame count: {counts}")
         problems = []
+        num_frames = min(counts.values())
+        drift = {name: c - num_frames for name, c in counts.items() if c > num_frames}
+        if drift and config.drift == "reject":
+            raise BadTake(f"views disagree on frame count: {counts}")
+        if drift:
+            # Frame-aligned videos start at the take's first frame, so the views agree up to the
+            # shortest one's end: keep those frames, say what was cut.
+            shortest = next(view for name, view in views if counts[name] == num_frames)
+            problems.append({"file": shortest.path, "reason": f"take {take.take_name}: views disagree on frame count "
+                             f"({counts}); every view trimmed to {num_frames} frames"})
         annotations = _take_annotations(release, take, split, problems)
         trajectory, gaze = _sensors(release, take, problems)
-        return cls(take, split, views, next(iter(counts.values())), annotations, dense.TakeDense.from_annotations(annotations),
-                   trajectory, gaze, problems)
+        return cls(take, split, views, num_frames, annotations, dense.TakeDense.from_annotations(annotations),
+                   trajectory, gaze, problems, drift)
 
 
 def _sensors(release: Release, take: rec.Take, problems: list[dict]):
@@ -285,7 +294,8 @@ def build_samples(release: Release, src: TakeSource, config: ShardConfig) -> Ite
                 key=key,
                 take=schema.TakeInfo(take_uid=take.take_uid, take_name=take.take_name, scenario=take.scenario,
                                      task_name=take.task_name, parent_task_id=take.parent_task_id, split=src.split,
-                                     best_exo=take.best_exo, num_frames=src.num_frames, fps=FPS),
+                                     best_exo=take.best_exo, num_frames=src.num_frames, fps=FPS,
+                                     drift_frames=src.drift),
                 window=schema.Window(t0=t0, t1=t1, start_frame=f0, end_frame=f1),
                 mode=config.mode, views=views, sensors=sensors,
                 annotations=slice_annotations(src.annotations, t0, t1), arrays=arrays)

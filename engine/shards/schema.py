@@ -110,6 +110,8 @@ class TakeInfo(_Part):
     best_exo: str | None
     num_frames: int              # of the whole take, every view
     fps: float                   # of the take's timeline (source frame i covers [i/fps, (i+1)/fps))
+    drift_frames: dict[str, int] = dataclasses.field(default_factory=dict)
+    # ^ views whose source has more frames than the take (``drift: trim``): frames left out at its end
 
 
 @dataclasses.dataclass(frozen=True)

@@ -93,24 +93,28 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def s3_endpoint():
-    """moto's S3 server on loopback, with the AWS variables s3fs reads."""
-    port = _free_port()
+def moto_server(port: int) -> subprocess.Popen:
+    """moto's S3 server on loopback at ``port``, once it accepts connections."""
     server = Path(sys.executable).parent / "moto_server"
     proc = subprocess.Popen([str(server), "-H", "127.0.0.1", "-p", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
     deadline = time.time() + 30
     while time.time() < deadline:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
+            return proc
         except OSError:
-            time.sleep(0.2)
-    else:
-        proc.kill()
-        raise RuntimeError("moto_server did not start")
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("moto_server did not start")
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """moto's S3 server on loopback, with the AWS variables s3fs reads."""
+    port = _free_port()
+    proc = moto_server(port)
+    endpoint = f"http://127.0.0.1:{port}"
     env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_ENDPOINT_URL": endpoint}
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)

@@ -5,16 +5,20 @@ rerun completes it."""
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
 import re
 import subprocess
 import sys
+import tarfile
+import time
 import uuid
 from pathlib import Path
 
 import pytest
 import s3fs
+from conftest import _free_port, moto_server
 from faulty_s3 import FaultyS3
 
 from engine.errors import StorageFault, passing_fault, storage_fault
@@ -63,14 +67,20 @@ def comparable(files: dict[str, bytes]) -> dict:
 
 
 @pytest.fixture(scope="module")
-def release_on_s3(tmp_path_factory, s3_endpoint):
-    """A small procedural release (keystep labels in train and val) in a bucket of its own."""
+def local_release(tmp_path_factory) -> Path:
+    """A small procedural release (keystep labels in train and val)."""
     root = tmp_path_factory.mktemp("faults") / "release"
     synth.generate(root, preset="tiny", takes=6, seconds=4.0, seed=5, scenarios=["Cooking", "Health"])
+    return root
+
+
+@pytest.fixture(scope="module")
+def release_on_s3(local_release, s3_endpoint):
+    """The release in a bucket of its own."""
     fs = s3fs.S3FileSystem(key="testing", secret="testing", endpoint_url=s3_endpoint)
     bucket = f"faults-{uuid.uuid4().hex[:8]}"
     fs.mkdir(bucket)
-    fs.put(str(root), f"{bucket}/release", recursive=True)
+    fs.put(str(local_release), f"{bucket}/release", recursive=True)
     return fs, bucket
 
 
@@ -146,3 +156,61 @@ def test_which_errors_are_passing_storage_faults():
     wrapped = RuntimeError(f"UDF failed\nTraceback ...\nengine.errors.StorageFault: {fault}\n\nmore")
     assert str(storage_fault(wrapped)) == str(fault)
     assert storage_fault(RuntimeError("UDF failed: ValueError")) is None
+
+
+def _whole_tar(data: bytes) -> bool:
+    """Whether ``data`` is a complete tar: every member's bytes present, then the end-of-archive blocks."""
+    if len(data) % 512 or len(data) < 1024 or data[-1024:].strip(b"\0"):
+        return False
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        return all(len(tar.extractfile(m).read()) == m.size for m in tar.getmembers() if m.isfile())
+
+
+def test_a_store_restarted_without_its_data_mid_job_shows_no_partial_shard_and_a_rerun_completes(
+        local_release, clean_run):
+    """moto keeps objects in memory: stopped and started again in the middle of a shard job, it
+    comes back empty, like a store that lost what it held. Every shard listed at any moment
+    reads whole; the job notices at commit that shards it wrote are gone and commits nothing;
+    the same command then completes it, equal to a clean run."""
+    port = _free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    server = moto_server(port)
+    fs = s3fs.S3FileSystem(key="testing", secret="testing", endpoint_url=endpoint)
+    fs.mkdir("restart")
+    cmd = [sys.executable, "-m", "engine", "shard", str(local_release), "s3://restart/shards", "--window", "2",
+           "--shard-mb", "0.3"]
+    env = {**os.environ, "AWS_ENDPOINT_URL": endpoint}
+    job = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    read_whole, restarted = set(), False
+    try:
+        while job.poll() is None:
+            try:
+                fs.invalidate_cache()
+                for path in fs.find("restart/shards"):
+                    if path.endswith(".tar") and path not in read_whole:
+                        assert _whole_tar(fs.cat_file(path)), f"{path} is listed but not whole"
+                        read_whole.add(path)
+            except (OSError, FileNotFoundError):
+                pass                         # the store is down, or an object went with it
+            if read_whole and not restarted:
+                server.kill()
+                server.wait()
+                server = moto_server(port)
+                fs.mkdir("restart")
+                restarted = True
+            time.sleep(0.05)
+        _, err = job.communicate()
+        # Usually it fails at commit, naming a shard that is gone; a write caught in the moment
+        # the bucket was missing fails it sooner. Either way nothing is committed.
+        assert restarted and job.returncode != 0, err[-3000:]
+        print("first run:", next(line for line in reversed(err.splitlines()) if line.startswith("ee4d shard:")
+                                 or "Error" in line))
+        fs.invalidate_cache()
+        assert not fs.exists("restart/shards/manifest.parquet")
+        rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert rerun.returncode == 0, rerun.stderr[-3000:]
+        shards = {k: v for k, v in comparable(contents(fs, "restart")).items() if k.startswith("/shards/")}
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+    assert shards == {k: v for k, v in comparable(clean_run).items() if k.startswith("/shards/")}

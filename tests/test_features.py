@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 from pathlib import Path
 
@@ -369,3 +370,50 @@ def test_two_node_cluster(shards, features, tmp_path, gpu_node):
         np.testing.assert_allclose(got[name].numpy(), clean[name].numpy(), rtol=0, atol=1e-5)
     # Windows embedded on either node went to the writer, a worker process on the driver's node.
     assert [(w["node"], w["take_views"]) for w in stage["writers"]] == [(head, 15)] and stage["writers"][0]["pid"] != os.getpid()
+
+
+def test_a_worker_node_lost_mid_stage_leaves_features_equal_to_a_clean_run(shards, features, tmp_path):
+    """The worker node's raylet is killed while take views are being embedded. Ray Data retries
+    the lost tasks and restarts the lost actors on the head node, or the stage fails without
+    committing and the same command finishes it; either way the outputs equal a clean run."""
+    from ray.cluster_utils import Cluster
+
+    ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    worker = cluster.add_node(num_cpus=2)
+    out = tmp_path / "out"
+    config = job.FeatureConfig(model="tiny_video", batch_size=1)
+    at_kill = []
+
+    def kill_the_worker_node_once_outputs_appear():
+        deadline = time.time() + 180
+        while not list(out.glob("*.pt")) and time.time() < deadline:
+            time.sleep(0.02)
+        at_kill.append(len(list(out.glob("*.pt"))))
+        cluster.remove_node(worker, allow_graceful=False)      # kills its raylet and its workers
+
+    try:
+        ray.init(address=cluster.address, log_to_driver=False)
+        assert len([n for n in ray.nodes() if n["Alive"]]) == 2
+        killer = threading.Thread(target=kill_the_worker_node_once_outputs_appear)
+        killer.start()
+        try:
+            job.run(str(shards), str(out), config, progress=False)
+            outcome = "finished on the surviving node"
+        except Exception as e:          # the stage failed: nothing committed, the rerun finishes it
+            assert json.loads((out / "stage.json").read_text())["status"] == "running"
+            outcome = f"failed ({type(e).__name__}), rerun"
+            killer.join()
+            job.run(str(shards), str(out), config, progress=False)
+        killer.join()
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    print(f"worker node killed with {at_kill[0]} of 15 take views written: {outcome}")
+    assert 0 < at_kill[0] < 15
+    clean, got = _load_all(features), _load_all(out)
+    assert sorted(got) == sorted(clean)
+    for name in got:
+        np.testing.assert_allclose(got[name].numpy(), clean[name].numpy(), rtol=0, atol=1e-5)
+    assert json.loads((out / "stage.json").read_text())["status"] == "done"
+    assert not [p for p in out.rglob("*") if ".tmp-" in p.name]

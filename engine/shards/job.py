@@ -70,6 +70,17 @@ def _shard_paths(out: str, spec: ShardSpec) -> tuple[str, str]:
     return base + ".tar", base + ".stats.json"
 
 
+def _finished(fs, out: str, spec: ShardSpec) -> dict | None:
+    """A shard's stats when both its files are in storage and agree (the tar has the size the
+    stats give), else None: it is to be written (again)."""
+    tar_path, stats_path = _shard_paths(out, spec)
+    try:
+        stats = storage.read_json(fs, stats_path)
+        return stats if fs.info(tar_path)["size"] == stats["bytes"] else None
+    except FileNotFoundError:
+        return None
+
+
 def write_shard(spec: ShardSpec, release_url: str, out_url: str, config: ShardConfig,
                 storage_options: dict | None = None) -> dict:
     """Write one shard and its stats; return the stats. Plain Python: Ray only schedules it."""
@@ -194,7 +205,7 @@ def _run(config: ShardConfig, inputs: dict, out_url: str, ctx: stages.Context) -
     release = Release.open(release_url, ctx.storage_options)
     fs, out = storage.filesystem(out_url, ctx.storage_options)
     shard_plan = plan(release, config)
-    todo = [s for s in shard_plan.specs if not fs.exists(_shard_paths(out, s)[1])]
+    todo = [s for s in shard_plan.specs if _finished(fs, out, s) is None]
     ctx.log(f"shard: {len(shard_plan.specs)} shards planned, {len(shard_plan.specs) - len(todo)} already done, "
             f"{len(todo)} to write")
     if todo:
@@ -231,9 +242,15 @@ def finalize(fs, out: str, shard_plan: ShardPlan) -> dict:
     """Gather every shard's stats into the manifest, the wids indexes and the rejects; return the
     stage's result."""
     rows, rejects, problems, per_split = [], list(shard_plan.rejects), [], {}
+    fs.invalidate_cache()            # what storage holds now, not a listing from earlier
     for spec in shard_plan.specs:
-        tar_path, stats_path = _shard_paths(out, spec)
-        stats = storage.read_json(fs, stats_path)
+        tar_path, _ = _shard_paths(out, spec)
+        # Storage that lost an object after the run wrote it (a store restarted without its data)
+        # must not get a manifest naming it: the stage fails, and a rerun writes it again.
+        stats = _finished(fs, out, spec)
+        if stats is None:
+            raise errors.StorageFault(f"{tar_path}: {errors.STORAGE_FAULT}: this run wrote it, and it is gone or "
+                                      "cut short")
         rows += stats["rows"]
         rejects += stats["failures"]
         problems += [p for p in stats["problems"] if p not in problems]

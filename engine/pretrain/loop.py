@@ -7,8 +7,10 @@ accumulation, bf16 autocast on GPUs, and every ``checkpoint_every`` steps and at
 end report a checkpoint holding the model, optimizer, scheduler, step, data position and the
 metrics so far, to ``OUT/ray`` (any fsspec URL). Rerunning the same command resumes: Ray Train
 restores the last checkpoint, and each worker's stream starts at the row it had reached
-(``progress.json`` tells the driver the last step checkpointed; a worker skips the rows of any
-later checkpoint Ray Train restored).
+(``progress.json`` names the last two checkpointed steps, and the driver starts the streams at
+the earlier one: Ray Train records a checkpoint a moment after the worker writes progress.json,
+so a driver killed in between restores the earlier; a worker that restored the later skips the
+rows between).
 
 Outputs under OUT: ``ray/`` (Ray Train's run and checkpoints), ``metrics.jsonl`` (one line per
 step: loss, clips/s, data-wait fraction, learning rate), ``encoder.pt`` and ``encoder.json``
@@ -171,12 +173,13 @@ def train_loop(cfg: dict) -> None:
 
     micro, accumulate = plan["micro_batch"], config.accumulate
     step_rows = micro * accumulate
-    # This worker's stream starts at the step the driver saw checkpointed last; Ray Train may
-    # have restored a later checkpoint (the driver died between the two writes): skip to it.
+    # This worker's stream starts at the earlier of the last two checkpointed steps; Ray Train
+    # restored that one or the later one: skip to it.
     skip = state["step"] - plan["start_step"]
     if skip < 0:
         raise RuntimeError(f"{PROGRESS} says step {plan['start_step']} was checkpointed, but the checkpoint "
                            f"Ray Train restored is at step {state['step']}")
+    checkpointed = state["step"]
     batches = iter(ray.train.get_dataset_shard(f"train_{rank}").iter_torch_batches(
         batch_size=micro, prefetch_batches=config.prefetch_batches, drop_last=True))
     for _ in range(skip * accumulate):
@@ -223,7 +226,8 @@ def train_loop(cfg: dict) -> None:
                              checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None)
         if rank == 0:
             fs, out = storage.filesystem(cfg["out"], cfg["storage_options"])
-            storage.write_json_atomic(fs, storage.join(out, PROGRESS), {"step": state["step"]})
+            storage.write_json_atomic(fs, storage.join(out, PROGRESS), {"step": state["step"], "previous": checkpointed})
+        checkpointed = state["step"]
 
 
 # ----------------------------------------------------------------------------- the driver
@@ -258,7 +262,10 @@ def pretrain(shards_url: str, out: str, config, address: str | None = None, prog
     plan = plan_run(config, len(train_index))
     fs, out_path = storage.filesystem(out, storage_options)
     progress_path = storage.join(out_path, PROGRESS)
-    plan["start_step"] = min(storage.read_json(fs, progress_path)["step"], plan["steps"]) if fs.exists(progress_path) else 0
+    # The earlier of the last two checkpoints: the one Ray Train restores may lag progress.json
+    # (whose "previous" older runs did not write).
+    saved = storage.read_json(fs, progress_path) if fs.exists(progress_path) else {"step": 0}
+    plan["start_step"] = min(saved.get("previous", saved["step"]), plan["steps"])
     if not ray.is_initialized():
         ray.init(address=address, log_to_driver=False, configure_logging=False)
     use_gpu = config.use_gpu if config.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0

@@ -5,14 +5,19 @@ import numpy as np
 import pytest
 
 from engine.tasks.metrics import (
+    balanced_accuracy,
     body_category,
     body_pose_errors,
+    boundary_f,
     calibrated_ap,
     detection_map,
     evaluated_frames,
     hand_pose_errors,
+    location_error,
     majority_class,
+    mask_iou,
     point_detection_ap,
+    resize_longest_side,
     top1_accuracy,
 )
 
@@ -143,3 +148,35 @@ def test_calibrated_ap_by_hand():
     for share in (0.05, 0.5):
         labels = rng.random(200_000) < share
         assert calibrated_ap(rng.random(len(labels)), labels) == pytest.approx(0.5, abs=0.01)
+
+
+def test_correspondence_mask_metrics_by_hand():
+    # Ground truth is scored with its longer side at 480, nearest neighbour, no padding.
+    small = np.array([[1, 0, 0, 1], [0, 0, 1, 1]], np.uint8)
+    big = resize_longest_side(small)
+    assert big.shape == (240, 480) and np.array_equal(big[::120, ::120], small)
+    assert resize_longest_side(np.zeros((1080, 1920), np.uint8)).shape == (270, 480)
+    assert resize_longest_side(np.zeros((1408, 1404), np.uint8)).shape == (480, 478)
+
+    a, b = np.zeros((4, 4), bool), np.zeros((4, 4), bool)
+    a[0:2, 0:2], b[1:3, 1:3] = True, True
+    assert mask_iou(a, b) == pytest.approx(1 / 7)
+    assert mask_iou(np.zeros((4, 4)), np.zeros((4, 4))) == 1.0            # nothing to find, nothing found
+
+    # Boundaries match within ceil(0.008 x diagonal) = 2 pixels on 100 x 100.
+    gt = np.zeros((100, 100), bool)
+    gt[20:60, 20:60] = True
+    assert boundary_f(gt, gt) == 1.0 and boundary_f(gt, np.roll(gt, 1, axis=1)) == 1.0
+    assert 0 < boundary_f(gt, np.roll(gt, 3, axis=1)) < 1
+    assert boundary_f(gt, np.zeros_like(gt)) == 0.0 and boundary_f(np.zeros_like(gt), np.zeros_like(gt)) == 1.0
+
+    # Box centres (integer) over the 480 x 480 diagonal: (14, 34) against (44, 34).
+    truth, shifted = np.zeros((100, 200), bool), np.zeros((100, 200), bool)
+    truth[30:40, 10:20], shifted[30:40, 40:50] = True, True
+    assert location_error(truth, shifted) == pytest.approx(30 / np.hypot(480, 480))
+    # An empty prediction's centre is the official script's: the padded mask's (height // 2,
+    # width // 2) as (x, y): (150, 200) in a 300 x 400 frame padded by 100, against (114, 134).
+    assert location_error(truth, np.zeros_like(truth)) == pytest.approx(np.hypot(36, 66) / np.hypot(480, 480))
+
+    assert balanced_accuracy([1, 1, 1, 0], [1, 0, 1, 0]) == pytest.approx((2 / 3 + 1) / 2)
+    assert balanced_accuracy([1, 1], [1, 0]) == 0.5                     # classes present in the truth only

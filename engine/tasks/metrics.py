@@ -14,7 +14,11 @@
   PA-MPJPE (after the similarity transform that best aligns the prediction) of one hand, in mm;
 - calibrated average precision (procedure understanding), as defined with online action
   detection (De Geest et al., arXiv 1604.06506): precision with false positives weighted by
-  positives / negatives, so that a random ranking scores about 0.5 whatever the class balance.
+  positives / negatives, so that a random ranking scores about 0.5 whatever the class balance;
+- mask metrics of ego-exo correspondence, as the official correspondence/evaluation scripts
+  (ego-exo4d-relation) compute them: ground truth resized to a longest side of 480 (nearest),
+  IoU, boundary F-measure (DAVIS), location error (box centres over the 480x480 diagonal) and
+  balanced accuracy of visibility.
 """
 from __future__ import annotations
 
@@ -206,3 +210,93 @@ def calibrated_ap(scores: Sequence[float], labels: Sequence[bool]) -> float | No
     w = negatives / positives
     precision = tp / (tp + fp / w)
     return float(precision[ranked].sum() / positives)
+
+
+# ----------------------------------------------------------------------------- ego-exo correspondence
+
+EVAL_MAX_SIDE = 480
+BOUNDARY_THRESHOLD = 0.008        # of the image diagonal
+
+
+def resize_longest_side(mask: np.ndarray, side: int = EVAL_MAX_SIDE) -> np.ndarray:
+    """A mask resized (nearest neighbour, no padding) so that its longer side is ``side``; the
+    sizes are computed as the official script computes them (``int`` of the scaled side)."""
+    h, w = mask.shape
+    ratio = 1.0 / h * side if h > w else 1.0 / w * side
+    new_h, new_w = int(h * ratio), int(w * ratio)
+    # Source index floor(i * scale), with the scale as OpenCV's INTER_NEAREST (which the official
+    # script calls) takes it: the inverse of new / old, which can differ from old / new in its
+    # last bit and move a pixel on an exact boundary.
+    rows = np.minimum((np.arange(new_h) * (1.0 / (new_h / h))).astype(int), h - 1)
+    cols = np.minimum((np.arange(new_w) * (1.0 / (new_w / w))).astype(int), w - 1)
+    return mask[rows][:, cols]
+
+
+def mask_iou(truth: np.ndarray, predicted: np.ndarray) -> float:
+    """Intersection over union of two binary masks of one shape; 1.0 when both are empty."""
+    truth, predicted = truth.astype(bool), predicted.astype(bool)
+    union = np.sum(truth | predicted)
+    return 1.0 if union == 0 else float(np.sum(truth & predicted) / (union + 1e-7))
+
+
+def _boundary(mask: np.ndarray) -> np.ndarray:
+    """One-pixel boundary map of a binary mask (pixels that differ from their right, lower or
+    lower-right neighbour; the last row and column against their own neighbours)."""
+    east, south, south_east = np.zeros_like(mask), np.zeros_like(mask), np.zeros_like(mask)
+    east[:, :-1], south[:-1, :], south_east[:-1, :-1] = mask[:, 1:], mask[1:, :], mask[1:, 1:]
+    out = (mask ^ east) | (mask ^ south) | (mask ^ south_east)
+    out[-1, :] = mask[-1, :] ^ east[-1, :]
+    out[:, -1] = mask[:, -1] ^ south[:, -1]
+    out[-1, -1] = False
+    return out
+
+
+def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:
+    """Binary dilation by a disk of ``radius`` pixels (offsets with dx^2 + dy^2 <= r^2)."""
+    h, w = mask.shape
+    out = np.zeros_like(mask)
+    for dy in range(-radius, radius + 1):
+        for dx in range(-radius, radius + 1):
+            if dx * dx + dy * dy <= radius * radius:
+                out[max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] |= \
+                    mask[max(-dy, 0):h + min(-dy, 0), max(-dx, 0):w + min(-dx, 0)]
+    return out
+
+
+def boundary_f(truth: np.ndarray, predicted: np.ndarray, threshold: float = BOUNDARY_THRESHOLD) -> float:
+    """Boundary F-measure (contour accuracy): boundary pixels of each mask matched within
+    ceil(threshold x the diagonal) pixels of the other's; both without boundary: 1.0."""
+    radius = int(np.ceil(threshold * np.linalg.norm(truth.shape)))
+    fg, gt = _boundary(predicted.astype(bool)), _boundary(truth.astype(bool))
+    n_fg, n_gt = int(fg.sum()), int(gt.sum())
+    if n_fg == 0 or n_gt == 0:
+        precision, recall = (1.0, 0.0) if n_gt else (0.0, 1.0) if n_fg else (1.0, 1.0)
+    else:
+        precision = float(np.sum(fg & _dilate(gt, radius))) / n_fg
+        recall = float(np.sum(gt & _dilate(fg, radius))) / n_gt
+    return 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
+
+
+def location_error(truth: np.ndarray, predicted: np.ndarray, size: tuple[int, int] = (EVAL_MAX_SIDE, EVAL_MAX_SIDE)) -> float:
+    """Distance between the centres of the two masks' boxes (integer centres), over the
+    diagonal of ``size``. As in the official script, both masks are first padded by their
+    height on every side, and an empty mask's centre is (padded height // 2, padded width // 2)
+    taken as (x, y)."""
+    def centre(mask: np.ndarray) -> tuple[int, int]:
+        pad = mask.shape[0]
+        padded = np.pad(mask.astype(bool), pad)
+        if not padded.any():
+            return padded.shape[0] // 2, padded.shape[1] // 2
+        ys, xs = np.nonzero(padded)
+        return (int(xs.min()) + int(xs.max())) // 2, (int(ys.min()) + int(ys.max())) // 2
+
+    (x1, y1), (x2, y2) = centre(truth), centre(predicted)
+    return float(np.hypot(x1 - x2, y1 - y2) / np.hypot(*size))
+
+
+def balanced_accuracy(truth: Sequence[int], predicted: Sequence[int]) -> float:
+    """The mean over the classes present in ``truth`` of the share of their items predicted
+    right (scikit-learn's balanced_accuracy_score, which the official script calls)."""
+    truth, predicted = np.asarray(truth), np.asarray(predicted)
+    classes = np.unique(truth)
+    return float(np.mean([np.mean(predicted[truth == c] == c) for c in classes])) if len(classes) else 0.0

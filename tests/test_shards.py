@@ -324,6 +324,51 @@ def test_two_node_cluster_shares_the_work(tiny_release, tmp_path):
         cluster.shutdown()
 
 
+def test_a_worker_node_lost_mid_job_leaves_the_shards_of_a_clean_run(default_release, tmp_path):
+    """The worker node's raylet is killed while shards are being written: Ray Data runs the lost
+    tasks again on the head node, or the stage fails without committing and the same command
+    finishes it; either way the shards equal a clean run's."""
+    from ray.cluster_utils import Cluster
+
+    config = ShardConfig(window=1.0, shard_mb=0.4)
+    out = tmp_path / "shards"
+    at_kill = []
+    ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    worker = cluster.add_node(num_cpus=2)
+
+    def kill_the_worker_node_once_shards_appear():
+        deadline = time.time() + 300
+        while not glob.glob(str(out / "*" / "*.stats.json")) and time.time() < deadline:
+            time.sleep(0.02)
+        at_kill.append(len(glob.glob(str(out / "*" / "*.stats.json"))))
+        cluster.remove_node(worker, allow_graceful=False)      # kills its raylet and its workers
+
+    try:
+        ray.init(address=cluster.address, log_to_driver=False)
+        job.run(str(default_release), str(tmp_path / "clean"), config, progress=False)
+        killer = threading.Thread(target=kill_the_worker_node_once_shards_appear)
+        killer.start()
+        try:
+            stage = job.run(str(default_release), str(out), config, progress=False)
+            outcome = "finished on the surviving node"
+        except Exception as e:          # the stage failed: nothing committed, the rerun finishes it
+            assert json.loads((out / "stage.json").read_text())["status"] == "running"
+            outcome = f"failed ({type(e).__name__}), rerun"
+            killer.join()
+            stage = job.run(str(default_release), str(out), config, progress=False)
+        killer.join()
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    shards = sum(map(len, stage["shards"].values()))
+    print(f"worker node killed with {at_kill[0]} of {shards} shards written: {outcome}")
+    assert 0 < at_kill[0] < shards
+    assert _manifest(out) == _manifest(tmp_path / "clean")
+    assert json.loads((out / "stage.json").read_text())["status"] == "done"
+    assert not [p for p in out.rglob("*") if ".partial" in p.name or ".tmp-" in p.name]
+
+
 # ----------------------------------------------------------------------------- crash and resume
 
 def _run_cli(release, out, **popen):

@@ -159,6 +159,12 @@ class OnlineKeystep(Task):
         resolution: str = P.setting("448", "which ego video file frames are decoded from", choices=("448", "full"))
         rgb_dropout: float = P.setting(0.5, "share of training steps whose frame is hidden (one model, every policy)")
 
+        def __post_init__(self):
+            super().__post_init__()
+            if not 0 < self.rgb_dropout < 1:
+                raise ValueError(f"rgb_dropout must be between 0 and 1 (exclusive), got {self.rgb_dropout}: "
+                                 "the model must learn with and without the frame")
+
     def outputs(self, release) -> int:
         return max(m.label_id for m in release.label_mapping()) + 2
 

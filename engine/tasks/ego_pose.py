@@ -308,6 +308,19 @@ def to_camera(points: np.ndarray, world_to_camera: np.ndarray) -> np.ndarray:
     return points @ world_to_camera[:, :3].T + world_to_camera[:, 3]
 
 
+def ego_view(release, uid: str, resolution: str):
+    """The take's ego view, its file at ``resolution`` ("448" or "full")."""
+    return next(v for v in release.take(uid).views(resolution) if v.is_ego)
+
+
+def ego_frames(release, uid: str, resolution: str, size: int, frames: set[int]) -> dict[int, np.ndarray]:
+    """The take's ego frames at ``frames`` (uint8 [size, size, 3] each), in one pass over its video."""
+    from engine import video
+
+    with release.open_file(ego_view(release, uid, resolution).path) as f:
+        return dict(video.decode(f, size=(size, size), indices=frames))
+
+
 def frame_cnn(x_scale: np.ndarray, size: int, outputs: int, hidden: int, dropout: float):
     """A small CNN on one standardized size x size RGB frame (the input vector, HWC order)."""
     from torch import nn
@@ -341,14 +354,6 @@ class EgoHandPose(PoseTask):
         return nn.Sequential(frame_cnn(scale["x"], self.options.size, outputs, hidden, dropout),
                              affine(scale["y"], inverse=True))
 
-    def _frames(self, release, uid: str, frames: list[int]) -> dict[int, np.ndarray]:
-        from engine import video
-
-        view = next(v for v in release.take(uid).views(self.options.resolution) if v.is_ego)
-        size = (self.options.size, self.options.size)
-        with release.open_file(view.path) as f:
-            return dict(video.decode(f, size=size, indices=set(frames)))
-
     def _hands_in_camera(self, release, split: str, kinds: list[str]) -> dict[str, dict[tuple[int, str], np.ndarray]]:
         """take_uid -> (frame, annotation kind) -> [2, 21, 3] hands in the Aria camera's frame; each
         kind's folder is listed once."""
@@ -365,7 +370,7 @@ class EgoHandPose(PoseTask):
         xs, ys, meta = [], [], []
         for uid, annotated in sorted(self._hands_in_camera(release, split, self.kinds(train)).items()):
             hands = {key: h for key, h in annotated.items() if np.isfinite(h).any() or key[1] == "annotation"}
-            images = self._frames(release, uid, sorted({f for f, _ in hands}))
+            images = ego_frames(release, uid, self.options.resolution, self.options.size, {f for f, _ in hands})
             for (frame, kind), h in sorted(hands.items()):
                 if frame not in images:
                     raise ValueError(f"take {uid}: hand annotation at frame {frame}, past the end of its ego video")

@@ -40,7 +40,7 @@ import numpy as np
 from engine import params as P
 from engine.tasks import energy
 from engine.tasks.base import Examples, Task, TrainConfig, affine, register
-from engine.tasks.ego_pose import frame_cnn
+from engine.tasks.ego_pose import ego_frames, ego_view, frame_cnn
 from engine.tasks.metrics import calibrated_ap
 
 AUDIO_RATE = 16_000
@@ -178,13 +178,10 @@ class OnlineKeystep(Task):
             by_take.setdefault(seg.take_uid, []).append(seg)
         return dict(sorted(by_take.items()))
 
-    def _ego(self, release, uid: str):
-        return next(v for v in release.take(uid).views(self.options.resolution) if v.is_ego)
-
     def _steps(self, release, uid: str) -> tuple[list[int], float]:
         from engine import video
 
-        with release.open_file(self._ego(release, uid).path) as f:
+        with release.open_file(ego_view(release, uid, self.options.resolution).path) as f:
             info = video.probe(f, check_tail=False)
         return step_frames(info.fps, info.frames), info.fps
 
@@ -209,15 +206,12 @@ class OnlineKeystep(Task):
         """One example per step; evaluation examples twice, with the frame seen and hidden."""
         import torch
 
-        from engine import video
-
         bands = audio_bands()
         size = self.options.size
         xs, ys, meta = [], [], []
         for uid, segments in self._takes(release, split).items():
             frames, fps = self._steps(release, uid)
-            with release.open_file(self._ego(release, uid).path) as f:
-                images = dict(video.decode(f, size=(size, size), indices=set(frames)))
+            images = ego_frames(release, uid, self.options.resolution, size, set(frames))
             with torch.no_grad():
                 sound = bands(torch.from_numpy(self._audio(release, uid, len(frames)))).numpy()
             labels = step_labels([f / fps for f in frames], segments) if segments[0].label_id is not None \

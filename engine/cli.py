@@ -15,15 +15,13 @@ from engine.errors import ContentError, storage_fault
 def _evaluate(args) -> int:
     import json
 
-    from engine import storage
     from engine.release import Release
     from engine.tasks import TASKS
 
     task = TASKS[args.task]()
-    fs, path = storage.filesystem(args.predictions)
     try:
-        submission = storage.read_json(fs, path)
-    except (OSError, json.JSONDecodeError) as e:
+        submission = task.read_submission(args.predictions)
+    except (OSError, ValueError) as e:      # JSONDecodeError is a ValueError
         print(f"ee4d evaluate: cannot read {args.predictions}: {e}", file=sys.stderr)
         return 2
     truth = task.truth(Release.open(args.release), args.split)
@@ -295,7 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="score a submission file in the official format")
     p.add_argument("task", choices=list(TASKS))
-    p.add_argument("--predictions", required=True, help="submission JSON (a path or an fsspec URL)")
+    p.add_argument("--predictions", required=True,
+                   help="submission JSON, or the official predictions folder of PNG masks (translation); "
+                        "a path or an fsspec URL")
     p.add_argument("--release", required=True, help="release root holding the split's annotations")
     p.add_argument("--split", default="val", choices=["train", "val", "test"])
     p.add_argument("--lenient", action="store_true",

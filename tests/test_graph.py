@@ -25,7 +25,8 @@ from engine.tasks import TASKS
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_TASKS = ("keystep_recognition", "demonstrator_proficiency", "demonstration_proficiency",
-              "procedure_understanding", "ego_body_pose", "ego_hand_pose", "online_keystep")
+              "procedure_understanding", "ego_body_pose", "ego_hand_pose", "online_keystep",
+              "correspondence_ego_exo", "correspondence_exo_ego")
 # The demo spec, shrunk: 10 takes of 4 s hold val examples for every benchmark; 4 pretraining steps.
 SMALL = ["release.synth.preset=tiny", "release.synth.takes=10", "release.synth.seconds=4"] + [
     f"tasks.{t}.epochs=4" for t in DEMO_TASKS] + ["pretrain.steps=4"]
@@ -114,8 +115,10 @@ def test_the_demo_spec_runs_end_to_end_and_reports_every_benchmark(demo_run):
             # Links are relative to the run folder and lead to the files.
             assert f"href='{folder.relative_to(demo_run)}/submission_val.json'" in report
     assert sorted(reported_metrics(demo_run)) == sorted(DEMO_TASKS)
-    # Pretraining and training curves, the strip of frames, online keystep's mcAP against power.
-    assert report.count("data:image/png;base64,") == 4
+    # Pretraining and training curves, the strip of frames, online keystep's mcAP against power,
+    # one prediction of each correspondence direction.
+    assert report.count("data:image/png;base64,") == 6
+    assert "<h3>correspondence_exo_ego: one val prediction</h3>" in report
     assert "<h3>online_keystep: mcAP against average power (mW)</h3>" in report
     assert "body and hand keypoints (manual annotation) and object masks" in report
     assert "<h2>Pretraining</h2>" in report and "ego&rarr;exo top-1" in report
@@ -163,7 +166,7 @@ def test_notebooks_execute_on_the_demo_run(demo_run, notebook, monkeypatch):
 @pytest.mark.parametrize("override, message", [
     ("tasks.keystep_recognition.epochs=many", "tasks.keystep_recognition.epochs: expected an integer, got 'many'"),
     ("shard.mode=copy", "shard: mode must be one of remux, transcode, frames"),
-    ("tasks.pose=1", "tasks.pose: unknown task; known: ego_body_pose"),
+    ("tasks.pose=1", "tasks.pose: unknown task; known: correspondence_ego_exo, correspondence_exo_ego, demonstration"),
     ("features.bacth_size=4", "features.bacth_size: unknown key; keys are"),
     ("release.url=/data/egoexo", "release: give exactly one of url"),
 ])

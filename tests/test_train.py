@@ -271,6 +271,90 @@ def test_online_keystep_evaluation_picks_the_best_run_within_each_budget():
         task.evaluate(submission, truth, lenient=True)
 
 
+def _rle(mask) -> dict:
+    from pycocotools import mask as coco_mask
+    out = coco_mask.encode(np.asfortranarray(np.asarray(mask, np.uint8)))
+    return {"size": list(out["size"]), "counts": out["counts"].decode()}
+
+
+def test_correspondence_evaluation_scores_the_frames_the_official_script_scores():
+    from pycocotools import mask as coco_mask
+
+    from engine.tasks.base import Examples
+
+    ego, exo = np.zeros((4, 4), bool), np.zeros((6, 8), bool)      # scored at 480x480 and 360x480
+    ego[1:3, 1:3] = exo[2:4, 1:3] = True
+    truth = {"T": {"masks": {"obj": {"aria01_214-1": {"15": _rle(ego), "45": _rle(ego)},
+                                     "cam01": {"15": _rle(exo)},                 # annotated at 45, not visible
+                                     "cam02": {"15": _rle(exo)}}},               # not annotated at 45
+                   "annotated_frames": {"obj": {"aria01_214-1": [15, 45], "cam01": [15, 45], "cam02": [15]}}}}
+    task = TASKS["correspondence_ego_exo"]()
+    scaled = np.kron(exo, np.ones((60, 60), bool))                    # the true exo mask at 360x480
+    disjoint = np.roll(scaled, 240, axis=1)          # its columns 60-179 moved to 300-419
+    results = {"T": {"subsample_idx": [15, 45], "masks": {"obj": {
+        "aria01_214-1_cam01": {"15": {"pred_mask": _rle(scaled), "confidence": 0.9},
+                               "45": {"pred_mask": _rle(np.zeros((360, 480))), "confidence": 0.2}},
+        "aria01_214-1_cam02": {"15": {"pred_mask": _rle(disjoint), "confidence": 0.7},
+                               "45": {"pred_mask": _rle(disjoint), "confidence": 0.7}}}}}}
+    submission = {"ego-exo": {"version": "1", "challenge": "x", "results": results}}
+    result = task.evaluate(submission, truth)
+    # cam01@15 exact, cam01@45 rightly not visible, cam02@15 visible but wrong; cam02@45 not scored.
+    assert (result["frames"], result["visible_frames"]) == (3, 2)
+    assert result["iou"] == pytest.approx(0.5) and result["boundary_f"] == pytest.approx(0.5)
+    assert result["visibility_balanced_accuracy"] == 1.0
+    assert result["location_error"] == pytest.approx(240 / np.hypot(480, 480) / 2)
+
+    del results["T"]["masks"]["obj"]["aria01_214-1_cam01"]["45"]
+    with pytest.raises(ValueError, match="take T object 'obj' aria01_214-1_cam01 frame 45"):
+        task.evaluate(submission, truth)
+    assert task.evaluate(submission, truth, lenient=True)["missing"] == 1
+    results["T"]["masks"]["obj"]["aria01_214-1_cam01"]["15"]["pred_mask"] = _rle(exo)
+    with pytest.raises(ValueError, match="pred_mask is \\[6, 8\\], the scored shape is \\[360, 480\\]"):
+        task.evaluate(submission, truth, lenient=True)
+    with pytest.raises(ValueError, match="no 'ego-exo' results"):
+        task.evaluate({"exo-ego": {"results": {}}}, truth)
+
+    # The other way, the queries are the exo masks: cam01@15 and cam02@15, both visible in ego.
+    # Its submission, from the head's outputs: masks at the scored shape, that pycocotools decodes.
+    reverse = TASKS["correspondence_exo_ego"](TASKS["correspondence_exo_ego"].Options(size=4))
+    meta = [{"take_uid": "T", "object": "obj", "query": cam, "target": "aria01_214-1", "frame": 15, "shape": [480, 480]}
+            for cam in ("cam01", "cam02")]
+    logits = np.full((2, 17), -5.0, np.float32)
+    logits[:, :16][:, ego.reshape(-1)] = 5.0
+    logits[1, 16] = 5.0                         # visible by confidence for cam02 only
+    out = reverse.submission(logits, Examples(np.zeros((2, 1), np.float32), np.zeros((2, 17), np.float32), meta), "val")
+    entry = out["exo-ego"]["results"]["T"]["masks"]["obj"]["cam01_aria01_214-1"]["15"]
+    decoded = coco_mask.decode({"size": entry["pred_mask"]["size"], "counts": entry["pred_mask"]["counts"].encode()})
+    rows, cols = np.nonzero(decoded)          # the 4x4 mask's inner square, scaled 120x (corners rounded)
+    assert decoded.shape == (480, 480) and (rows.min(), rows.max(), cols.min(), cols.max()) == (120, 359, 120, 359)
+    assert entry["confidence"] < 0.01 and out["exo-ego"]["results"]["T"]["subsample_idx"] == [15]
+    result = reverse.evaluate(out, truth)
+    assert (result["frames"], result["visibility_balanced_accuracy"]) == (2, 0.5)      # both visible: one class
+    assert result["iou"] == pytest.approx(decoded.sum() / 240 ** 2)         # inside the true square throughout
+
+
+def test_translation_evaluation_registers_masks_and_scores_a_missing_one_as_the_official_script():
+    from engine.tasks.translation import registered
+
+    def box(top, left, height, width):
+        mask = np.zeros((256, 256), bool)
+        mask[top:top + height, left:left + width] = True
+        return mask
+
+    truth = {"images": {"a": _rle(box(10, 10, 20, 20)), "b": None, "c": _rle(box(50, 50, 10, 10))}}
+    # a: the right shape 30 px right and 40 px down; b: rightly empty; c: no prediction.
+    submission = {"masks": {"a": _rle(box(50, 40, 20, 20)), "b": _rle(box(0, 0, 0, 0)), "zzz": _rle(box(0, 0, 1, 1))}}
+    result = TASKS["translation_exo_ego"]().evaluate(submission, truth)
+    assert result["registered_iou"] == pytest.approx(0.5) and result["registered_boundary_f"] == pytest.approx(0.5)
+    assert result["location_error"] == pytest.approx((50 / np.hypot(256, 256) + 1) / 2)
+    assert result["visibility_balanced_accuracy"] == pytest.approx((1.0 + 0.5) / 2)   # empty: 1 of 1; present: 1 of 2
+    assert (result["images"], result["visible_images"], result["missing"], result["ignored"]) == (3, 2, 1, 1)
+    # Registration cuts both masks to the larger box (odd sides) around their own box centres.
+    a, b, distance = registered(box(10, 10, 20, 20), box(100, 50, 30, 20))
+    assert a.shape == b.shape == (31, 21) and (a.sum(), b.sum(), (a & b).sum()) == (400, 600, 400)
+    assert distance == pytest.approx(np.hypot(59 - 19, 114 - 19))
+
+
 # ----------------------------------------------------------------------------- training on Ray Train
 
 def _features(release: Path, root: Path) -> Path:
@@ -295,8 +379,8 @@ def physical_features(physical_release, tmp_path_factory, local_ray) -> Path:
 def _train_and_check(task: str, features: Path, release: Path, out: Path, capsys, **config) -> dict:
     """Train; check the epochs' log, and that `ee4d evaluate` on the run's own submission gives
     the metric the run printed."""
-    config = TrainConfig(**{"epochs": 30, "patience": 30, **config})
-    result = run(TASKS[task](), str(features), str(out), config, progress=False)
+    config = TASKS[task].Options(**{"epochs": 30, "patience": 30, **config})
+    result = run(TASKS[task](config), str(features), str(out), config, progress=False)
     metric = TASKS[task].metric
     assert result["val_examples"] > 0
     assert result["val"].get("ignored", 0) == 0 and result["val"].get("unknown_takes", 0) == 0
@@ -437,6 +521,71 @@ def test_online_keystep_beats_always_background_within_budget(learn_features, le
     truth = TASKS["online_keystep"]().truth(Release.open(str(learn_release)), "val")
     assert {uid: len(t["scores"]) for uid, t in rgb["takes"].items()} == {uid: len(v) for uid, v in truth["takes"].items()}
     assert (out / "submission_test.json").exists()
+
+
+def test_correspondence_both_ways_beats_the_mean_mask_in_the_official_format(learn_features, learn_release,
+                                                                            tmp_path, capsys):
+    from pycocotools import mask as coco_mask
+
+    from engine.tasks.metrics import longest_side_shape
+
+    release = Release.open(str(learn_release))
+    for name, direction in (("correspondence_ego_exo", "ego-exo"), ("correspondence_exo_ego", "exo-ego")):
+        out = tmp_path / name
+        result = _train_and_check(name, learn_features, learn_release, out, capsys, epochs=6, size=48)
+        # Objects keep their colour across views; the mean mask knows only where they tend to be.
+        val, baselines = result["val"], result["baselines"]
+        assert val["iou"] >= 2 * baselines["mean_mask"] and val["iou"] >= baselines["mean_mask"] + 0.1
+        assert val["visibility_balanced_accuracy"] > 0.5 and baselines["never_visible"] < val["iou"]
+        assert val["visible_frames"] < val["frames"]          # some target views do not show the object
+        official = json.loads((out / "official_ground_truth_val.json").read_text())
+        assert official["annotations"] == TASKS[name]().truth(release, "val")
+        submission = json.loads((out / "submission_val.json").read_text())
+        assert sorted(submission) == [direction] and {"version", "challenge", "results"} <= set(submission[direction])
+        results = submission[direction]["results"]
+        assert sorted(results) == sorted(official["annotations"])
+        checked = 0
+        for uid, gt in official["annotations"].items():       # every query mask has a prediction per target
+            assert results[uid]["subsample_idx"] == sorted(results[uid]["subsample_idx"])
+            sizes = {view: m["size"] for views in gt["masks"].values() for view, masks in views.items()
+                     for m in masks.values()}
+            for obj, views in gt["masks"].items():
+                ego = next(v for v in views if "aria" in v)
+                for exo in (v for v in views if "aria" not in v):
+                    query, target = (ego, exo) if direction == "ego-exo" else (exo, ego)
+                    height, width = sizes[target]
+                    for frame in views[query]:
+                        entry = results[uid]["masks"][obj][f"{query}_{target}"][frame]
+                        rle = entry["pred_mask"]
+                        decoded = coco_mask.decode({"size": rle["size"], "counts": rle["counts"].encode()})
+                        assert decoded.shape == tuple(rle["size"]) == longest_side_shape(height, width)
+                        assert 0.0 <= entry["confidence"] <= 1.0
+                        checked += 1
+        assert checked == result["val_examples"]
+        assert (out / "submission_test.json").exists()
+
+
+def test_translation_ego_tracks_beat_the_class_prior_and_the_png_folders_score_alike(learn_features, learn_release,
+                                                                                    tmp_path, capsys):
+    out = tmp_path / "translation"
+    result = _train_and_check("translation_exo_ego", learn_features, learn_release, out, capsys, epochs=8, size=48)
+    # Registration takes location out of the IoU: the prior, a blob of the class's mean area,
+    # is scored on shape alone, and still loses to the masks the model draws.
+    assert result["val"]["registered_iou"] > result["baselines"]["class_prior"] + 0.05
+    assert result["val"]["visibility_balanced_accuracy"] > 0.5
+    official = out / "official_val"
+    truths, predictions = sorted(official.glob("ground-truths/*.png")), sorted(official.glob("predictions/*.png"))
+    assert len(truths) == result["val"]["images"] and {p.name for p in truths} <= {p.name for p in predictions}
+    take_names = {t.take_name for t in Release.open(str(learn_release)).takes()}
+    for path in truths:        # <take_name>-<exo cam>-<object>-<frame>.png, masks of 0 and 255
+        take_name, cam, rest = path.stem.split("-", 2)
+        assert take_name in take_names and cam.startswith("cam") and rest.rsplit("-", 1)[1].isdigit()
+    from PIL import Image
+    assert set(np.unique(np.asarray(Image.open(predictions[0])))) <= {0, 255}
+    capsys.readouterr()
+    assert cli.main(["evaluate", "translation_exo_ego", "--predictions", str(official / "predictions"),
+                     "--release", str(learn_release)]) == 0
+    assert json.loads(capsys.readouterr().out)["registered_iou"] == pytest.approx(result["val"]["registered_iou"])
 
 
 def test_two_workers_train_like_one(learn_features, tmp_path):

@@ -110,7 +110,7 @@ def parse(raw: dict, where: str = "spec", local: bool = True) -> Spec:
             parsed[key] = {}
             for variant, values in P.mapping(raw[key], at).items():
                 if variant not in known:
-                    raise SpecError(f"{at}.{variant}: unknown {kind.name}; known: {', '.join(known)}")
+                    raise SpecError(f"{at}.{variant}: unknown {kind.name}; known: {', '.join(sorted(known))}")
                 parsed[key][variant] = P.build(known[variant], values, f"{at}.{variant}")
         else:
             parsed[key] = P.build(kind.params, raw[key], at)

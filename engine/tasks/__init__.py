@@ -2,7 +2,7 @@
 
 Each module below registers its benchmarks with ``@register``; importing it is its registry entry.
 """
-from engine.tasks import ego_pose, keystep, online, procedure, proficiency  # noqa: F401 - registers the built-in benchmarks
+from engine.tasks import correspondence, ego_pose, keystep, online, procedure, proficiency, translation  # noqa: F401 - registers the built-in benchmarks
 from engine.tasks.base import TASKS, Examples, Task, TrainConfig, register
 
 __all__ = ["TASKS", "Examples", "Task", "TrainConfig", "register"]

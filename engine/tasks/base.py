@@ -136,9 +136,20 @@ class Task:
         labels), "points": {name: (x, y)}, "limits": {name: x}}; None for most benchmarks."""
         return None
 
-    def official_files(self, submission: dict, release, split: str) -> dict[str, dict]:
-        """Files for an official scorer whose input differs from our submission (name -> JSON),
-        written beside it; none by default."""
+    def read_submission(self, url: str) -> dict:
+        """A submission as ``ee4d evaluate`` is given it (by default a JSON file)."""
+        from engine import storage
+        fs, path = storage.filesystem(url)
+        return storage.read_json(fs, path)
+
+    def showcase(self, submission: dict, release):
+        """(matplotlib figure, caption) of one val prediction beside its truth, for the report;
+        None for most benchmarks."""
+        return None
+
+    def official_files(self, submission: dict, release, split: str) -> dict[str, dict | bytes]:
+        """Files for an official scorer whose input differs from our submission (name -> JSON, or
+        the file's bytes), written beside it; none by default."""
         return {}
 
 

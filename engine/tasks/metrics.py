@@ -218,12 +218,18 @@ EVAL_MAX_SIDE = 480
 BOUNDARY_THRESHOLD = 0.008        # of the image diagonal
 
 
-def resize_longest_side(mask: np.ndarray, side: int = EVAL_MAX_SIDE) -> np.ndarray:
-    """A mask resized (nearest neighbour, no padding) so that its longer side is ``side``; the
-    sizes are computed as the official script computes them (``int`` of the scaled side)."""
-    h, w = mask.shape
+def longest_side_shape(h: int, w: int, side: int = EVAL_MAX_SIDE) -> tuple[int, int]:
+    """The (height, width) resize_longest_side gives an h x w mask, computed as the official
+    script computes it (``int`` of each scaled side; 796 wide gives 479, not 480)."""
     ratio = 1.0 / h * side if h > w else 1.0 / w * side
-    new_h, new_w = int(h * ratio), int(w * ratio)
+    return int(h * ratio), int(w * ratio)
+
+
+def resize_longest_side(mask: np.ndarray, side: int = EVAL_MAX_SIDE) -> np.ndarray:
+    """A mask resized (nearest neighbour, no padding) so that its longer side is ``side``
+    (``longest_side_shape``)."""
+    h, w = mask.shape
+    new_h, new_w = longest_side_shape(h, w, side)
     # Source index floor(i * scale), with the scale as OpenCV's INTER_NEAREST (which the official
     # script calls) takes it: the inverse of new / old, which can differ from old / new in its
     # last bit and move a pixel on an exact boundary.

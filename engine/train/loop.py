@@ -209,7 +209,10 @@ def run(task: Task, features_url: str, out: str, config: TrainConfig, release_ur
             submissions[split] = task.submission(predict(head, examples.x), examples, split)
             storage.write_json_atomic(fs, storage.join(out_path, f"submission_{split}.json"), submissions[split])
             for name, content in task.official_files(submissions[split], release, split).items():
-                storage.write_json_atomic(fs, storage.join(out_path, name), content)
+                if isinstance(content, bytes):
+                    storage.write_bytes_atomic(fs, storage.join(out_path, name), content)
+                else:
+                    storage.write_json_atomic(fs, storage.join(out_path, name), content)
     val_metrics = task.evaluate(submissions["val"], truth)
     result = {"task": task.name, "metric": task.metric, "val": val_metrics, "baselines": task.baselines(train, val, truth, "val"),
               "best_epoch": state["best_epoch"], "epochs_run": state["epoch"], "resumed_from": state["resumed_from"],

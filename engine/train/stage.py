@@ -9,7 +9,7 @@ import json
 
 from engine import stage as stages
 from engine import storage
-from engine.tasks import TASKS, TrainConfig
+from engine.tasks import TASKS, Task, TrainConfig
 
 
 def _run(options: TrainConfig, inputs: dict, out: str, ctx: stages.Context) -> dict:
@@ -54,7 +54,7 @@ def _result(record: dict) -> dict:
 
 def _report(records: list[dict], ctx: stages.Context) -> str:
     tasks = [_result(r) for r in records]
-    return _metrics_section(tasks, ctx.run_out) + _curves_section(tasks)
+    return _metrics_section(tasks, ctx.run_out) + _curves_section(tasks) + _showcase_section(tasks, ctx.urls.get("release"))
 
 
 def _metrics_section(tasks: list[dict], out: str) -> str:
@@ -125,6 +125,25 @@ def _tradeoff_section(tasks: list[dict]) -> str:
         ax.set_title(t["task"], fontsize=10)
         fig.tight_layout()
         out += f"<h3>{t['task']}: {curve['y']} against {curve['x']}</h3>" + png(fig)
+    return out
+
+
+def _showcase_section(tasks: list[dict], release_url: str | None) -> str:
+    """Benchmarks that predict images (correspondence: masks) show one val prediction beside its truth."""
+    from engine.graph.report import png
+    from engine.release import Release
+
+    out = ""
+    for t in tasks:
+        task = TASKS.get(t["task"])
+        if task is None or task.showcase is Task.showcase or "submission_val.json" not in t.get("files", []) \
+                or not release_url:
+            continue
+        fs, path = storage.filesystem(t["record"]["output"])
+        shown = task().showcase(storage.read_json(fs, storage.join(path, "submission_val.json")), Release.open(release_url))
+        if shown:
+            figure, caption = shown
+            out += f"<h3>{t['task']}: one val prediction</h3>" + png(figure) + f"<p>{html.escape(caption)}</p>"
     return out
 
 

@@ -355,6 +355,20 @@ def test_translation_evaluation_registers_masks_and_scores_a_missing_one_as_the_
     assert distance == pytest.approx(np.hypot(59 - 19, 114 - 19))
 
 
+def test_a_lone_last_example_joins_the_batch_before_it():
+    import torch
+
+    from engine.train.loop import train_epoch
+
+    # Batch norm cannot train on a batch of one: 9 examples in batches of 4 go as 4 and 5.
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 1))
+    sizes = []
+    model.register_forward_hook(lambda module, inputs, output: sizes.append(len(inputs[0])))
+    seen, _ = train_epoch(model, torch.optim.SGD(model.parameters(), lr=0.1), torch.nn.MSELoss(),
+                          torch.randn(9, 3), torch.randn(9, 1), batch_size=4, seed=0)
+    assert (seen, sizes) == (9, [4, 5])
+
+
 # ----------------------------------------------------------------------------- training on Ray Train
 
 def _features(release: Path, root: Path) -> Path:

@@ -50,8 +50,11 @@ def train_epoch(model, optimizer, loss_fn, x, y, batch_size: int, seed: int) -> 
     model.train()
     seen, loss_sum = 0, 0.0
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed)).to(x.device)
-    for i in range(0, len(y), batch_size):
-        idx = order[i:i + batch_size]
+    starts = list(range(0, len(y), batch_size))
+    if len(starts) > 1 and len(y) - starts[-1] == 1:
+        starts.pop()        # a lone last example joins the batch before it: batch norm cannot train on one
+    for start, end in zip(starts, starts[1:] + [len(y)]):
+        idx = order[start:end]
         loss = loss_fn(model(x[idx]), y[idx])
         optimizer.zero_grad()
         loss.backward()

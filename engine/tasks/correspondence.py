@@ -43,6 +43,7 @@ import numpy as np
 from engine import params as P
 from engine.release.masks import lz_decompress, rle
 from engine.tasks.base import Examples, Task, TrainConfig, register
+from engine.tasks.ego_pose import view_frames
 from engine.tasks.metrics import (
     EVAL_MAX_SIDE,
     balanced_accuracy,
@@ -266,16 +267,13 @@ class Correspondence(Task):
 
     def _frames(self, release, uid: str, wanted: set[tuple[str, int]]) -> dict[tuple[str, int], np.ndarray]:
         """(view key, frame) -> uint8 [size, size, 3], each view decoded in one pass."""
-        from engine import video
-
-        size, views = self.options.size, {v.key: v for v in release.take(uid).views(self.options.resolution)}
+        views = {v.key: v for v in release.take(uid).views(self.options.resolution)}
         out = {}
         for key in sorted({v for v, _ in wanted}):
             if key not in views:
                 raise ValueError(f"take {uid}: relations name view {key}, which the take has no video of")
             frames = {f for v, f in wanted if v == key}
-            with release.open_file(views[key].path) as f:
-                out.update({(key, i): image for i, image in video.decode(f, size=(size, size), indices=frames)})
+            out.update({(key, i): image for i, image in view_frames(release, views[key], frames, self.options.size).items()})
             if missing := sorted(f for f in frames if (key, f) not in out):
                 raise ValueError(f"take {uid}: view {key} has no frame {missing[0]} (relations annotate it)")
         return out
@@ -298,13 +296,12 @@ class Correspondence(Task):
             probability = torch.sigmoid(row[:-1].view(1, 1, size, size))
             mask = torch.nn.functional.interpolate(probability, size=tuple(m["shape"]), mode="bilinear",
                                                    align_corners=False)[0, 0].numpy() > 0.5
-            take = results.setdefault(m["take_uid"], {"masks": {}, "subsample_idx": []})
+            take = results.setdefault(m["take_uid"], {"masks": {}, "subsample_idx": set()})
             take["masks"].setdefault(m["object"], {}).setdefault(f"{m['query']}_{m['target']}", {})[str(m["frame"])] = {
                 "pred_mask": rle(mask), "confidence": round(float(torch.sigmoid(row[-1])), 5)}
-            if m["frame"] not in take["subsample_idx"]:
-                take["subsample_idx"].append(m["frame"])
+            take["subsample_idx"].add(m["frame"])
         for take in results.values():
-            take["subsample_idx"].sort()
+            take["subsample_idx"] = sorted(take["subsample_idx"])
         return {self.direction: {"version": "1", "challenge": f"correspondence_{self.direction}", "results": results}}
 
     def evaluate(self, submission: dict, truth: dict, lenient: bool = False) -> dict:
@@ -362,8 +359,6 @@ class Correspondence(Task):
         its mask, the target frame with the true mask and with the predicted one."""
         import matplotlib.pyplot as plt
 
-        from engine import video
-
         results = (submission.get(self.direction) or {}).get("results") or {}
         relations = release.relations("val")
         uid = next((u for u in sorted(results) if u in relations), None)
@@ -378,10 +373,7 @@ class Correspondence(Task):
             return None
         _, obj, query, target, frame = max(candidates)
         views = {v.key: v for v in release.take(uid).views(self.options.resolution)}
-        images = {}
-        for key in (query, target):
-            with release.open_file(views[key].path) as f:
-                images[key] = dict(video.decode(f, indices={frame}))[frame]
+        images = {key: view_frames(release, views[key], {frame})[frame] for key in (query, target)}
         prediction = predicted[obj][f"{query}_{target}"][str(frame)]
         truth, guess = rel.object_masks[obj][target][frame].decode(), decode_rle(prediction["pred_mask"])
         iou = mask_iou(resize_longest_side(truth), guess)

@@ -313,12 +313,17 @@ def ego_view(release, uid: str, resolution: str):
     return next(v for v in release.take(uid).views(resolution) if v.is_ego)
 
 
-def ego_frames(release, uid: str, resolution: str, size: int, frames: set[int]) -> dict[int, np.ndarray]:
-    """The take's ego frames at ``frames`` (uint8 [size, size, 3] each), in one pass over its video."""
+def view_frames(release, view, frames: set[int], size: int | None = None) -> dict[int, np.ndarray]:
+    """A view's frames at ``frames`` (uint8 [H, W, 3], or [size, size, 3]), in one pass over its file."""
     from engine import video
 
-    with release.open_file(ego_view(release, uid, resolution).path) as f:
-        return dict(video.decode(f, size=(size, size), indices=frames))
+    with release.open_file(view.path) as f:
+        return dict(video.decode(f, size=(size, size) if size else None, indices=frames))
+
+
+def ego_frames(release, uid: str, resolution: str, size: int, frames: set[int]) -> dict[int, np.ndarray]:
+    """The take's ego frames at ``frames`` (uint8 [size, size, 3] each), in one pass over its video."""
+    return view_frames(release, ego_view(release, uid, resolution), frames, size)
 
 
 def frame_cnn(x_scale: np.ndarray, size: int, outputs: int, hidden: int, dropout: float):

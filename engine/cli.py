@@ -18,7 +18,11 @@ def _evaluate(args) -> int:
     from engine.release import Release
     from engine.tasks import TASKS
 
-    task = TASKS[args.task]()
+    cls = TASKS[args.task]
+    if args.perceptual and "perceptual" not in P.keys(cls.Options):
+        print(f"ee4d evaluate: {args.task} has no perceptual metrics (--perceptual)", file=sys.stderr)
+        return 2
+    task = cls(cls.Options(perceptual=args.perceptual) if args.perceptual else None)
     try:
         submission = task.read_submission(args.predictions)
     except (OSError, ValueError) as e:      # JSONDecodeError is a ValueError
@@ -294,10 +298,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="score a submission file in the official format")
     p.add_argument("task", choices=list(TASKS))
     p.add_argument("--predictions", required=True,
-                   help="submission JSON, or the official predictions folder of PNG masks (translation); "
+                   help="submission JSON, or the official predictions folder of PNGs (translation); "
                         "a path or an fsspec URL")
     p.add_argument("--release", required=True, help="release root holding the split's annotations")
     p.add_argument("--split", default="val", choices=["train", "val", "test"])
+    p.add_argument("--perceptual", help="translation_exo_ego_generation: folder of the LPIPS, DISTS and CLIP networks "
+                                        "(lpips.pt2, dists.pt2, clip_score.pt2, saved by torch.export)")
     p.add_argument("--lenient", action="store_true",
                    help="score a partial submission: where the official script stops at a missing prediction "
                         "(ego pose), leave it out and count it under 'missing'")

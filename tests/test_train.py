@@ -355,6 +355,61 @@ def test_translation_evaluation_registers_masks_and_scores_a_missing_one_as_the_
     assert distance == pytest.approx(np.hypot(59 - 19, 114 - 19))
 
 
+def test_frame_generation_scores_ssim_psnr_and_perceptual_networks_as_the_official_script(tmp_path):
+    import base64
+
+    import torch
+
+    from engine.tasks.translation import load_image, png_bytes, psnr, ssim
+
+    # SSIM of two flat images, by hand: no variance, so only the luminance term is left.
+    grey, lighter = np.full((256, 256, 3), 100, np.uint8), np.full((256, 256, 3), 120, np.uint8)
+    c1 = (0.01 * 255) ** 2
+    assert ssim(grey, lighter) == pytest.approx((2 * 100 * 120 + c1) / (100 ** 2 + 120 ** 2 + c1))
+    assert ssim(grey, grey) == 1.0 and psnr(grey, grey) == float("inf")
+    assert psnr(grey, lighter) == pytest.approx(10 * np.log10(255 ** 2 / 20 ** 2))
+    # One pixel 49 brighter in one channel: each of the 49 windows (7 x 7) over it has mean 101
+    # and sample variance (48 * 1 + 48 ** 2) / 48 = 49; the other 250 ** 2 - 49 windows and the
+    # other channels score 1.
+    dotted = grey.copy()
+    dotted[100, 100, 0] = 149
+    c2 = (0.03 * 255) ** 2
+    index = (2 * 100 * 101 + c1) * c2 / ((100 ** 2 + 101 ** 2 + c1) * (49 + c2))
+    assert ssim(grey, dotted) == pytest.approx(1 - 49 * (1 - index) / 250 ** 2 / 3)
+    # A prediction of another size is resized to 256 x 256 as PIL does by default (bicubic).
+    small = np.random.default_rng(0).integers(0, 256, (48, 48, 3), dtype=np.uint8)
+    from PIL import Image
+    assert np.array_equal(load_image(png_bytes(small)),
+                          np.asarray(Image.fromarray(small).resize((256, 256), Image.BICUBIC)))
+
+    task = TASKS["translation_exo_ego_generation"]()
+    truth = {"images": {"t-cam01-pan_0-30": "T/30", "t-cam02-pan_0-30": "T/30"}, "frames": {"T/30": grey}}
+    submission = {"images": {"t-cam01-pan_0-30": base64.b64encode(png_bytes(lighter)).decode(),
+                             "zzz": base64.b64encode(png_bytes(grey)).decode()}}
+    result = task.evaluate(submission, truth)
+    # The second image has no prediction: SSIM 0 and PSNR 0, as the official script scores it.
+    assert result["ssim"] == pytest.approx(ssim(grey, lighter) / 2)
+    assert result["psnr"] == pytest.approx(psnr(grey, lighter) / 2)
+    assert result["not_computed"] == ["clip_score", "dists", "lpips"]
+    assert (result["images"], result["missing"], result["ignored"]) == (2, 1, 1)
+
+    # Perceptual metrics come from the user's networks (saved by torch.export), called on uint8 images;
+    # a missing prediction scores LPIPS 1. Here a stand-in network: the mean absolute difference.
+    class MeanDifference(torch.nn.Module):
+        def forward(self, truth, predicted):
+            return (truth.float() - predicted.float()).abs().mean((1, 2, 3)) / 255
+
+    networks = tmp_path / "networks"
+    networks.mkdir()
+    example = torch.zeros((1, 256, 256, 3), dtype=torch.uint8)
+    # Two distinct example tensors: export would take one tensor passed twice for one input.
+    torch.export.save(torch.export.export(MeanDifference(), (example, example.clone())), str(networks / "lpips.pt2"))
+    with_lpips = TASKS["translation_exo_ego_generation"](
+        TASKS["translation_exo_ego_generation"].Options(perceptual=str(networks))).evaluate(submission, truth)
+    assert with_lpips["lpips"] == pytest.approx((20 / 255 + 1) / 2)
+    assert with_lpips["not_computed"] == ["clip_score", "dists"] and with_lpips["ssim"] == result["ssim"]
+
+
 def test_a_lone_last_example_joins_the_batch_before_it():
     import torch
 
@@ -600,6 +655,31 @@ def test_translation_ego_tracks_beat_the_class_prior_and_the_png_folders_score_a
     assert cli.main(["evaluate", "translation_exo_ego", "--predictions", str(official / "predictions"),
                      "--release", str(learn_release)]) == 0
     assert json.loads(capsys.readouterr().out)["registered_iou"] == pytest.approx(result["val"]["registered_iou"])
+
+
+def test_ego_frames_generated_from_exo_beat_the_mean_ego_frame_and_the_png_folders_score_alike(
+        learn_features, learn_release, tmp_path, capsys):
+    from PIL import Image
+
+    out = tmp_path / "generation"
+    result = _train_and_check("translation_exo_ego_generation", learn_features, learn_release, out, capsys,
+                              epochs=12, size=48, lr=2e-3)
+    # The exo frame tells the room's colours and the demonstrator's place; the rest of the ego
+    # view is not in it, so the generated frames gain on the mean frame without nearing the truth.
+    val, baselines = result["val"], result["baselines"]
+    assert val["psnr"] > baselines["mean_ego_frame"] + 0.4 and val["psnr"] > baselines["exo_frame_resized"] + 2
+    assert 0 < val["ssim"] < 1 and val["not_computed"] == ["clip_score", "dists", "lpips"]
+    official = out / "official_val"
+    truths, predictions = sorted(official.glob("ground-truths/*.png")), sorted(official.glob("predictions/*.png"))
+    assert len(truths) == val["images"] and [p.name for p in truths] == [p.name for p in predictions]
+    subtask1 = TASKS["translation_exo_ego"]().truth(Release.open(str(learn_release)), "val")["images"]
+    assert {p.stem for p in truths} == set(subtask1)        # the images of subtask 1, named alike
+    assert Image.open(truths[0]).mode == "RGB" and Image.open(truths[0]).size == (256, 256)
+    assert Image.open(predictions[0]).size == (48, 48)      # the scorer resizes it
+    capsys.readouterr()
+    assert cli.main(["evaluate", "translation_exo_ego_generation", "--predictions", str(official / "predictions"),
+                     "--release", str(learn_release)]) == 0
+    assert json.loads(capsys.readouterr().out)["psnr"] == pytest.approx(val["psnr"])
 
 
 def test_two_workers_train_like_one(learn_features, tmp_path):

@@ -87,6 +87,19 @@ def overlay(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return np.where(inside[:, :, None], image, image // 4)
 
 
+def panel_figure(panels: list[tuple[np.ndarray, str]]):
+    """A matplotlib figure of images side by side, each with its title."""
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4))
+    for ax, (image, title) in zip(axes, panels):
+        ax.imshow(image)
+        ax.set_title(title, fontsize=9)
+        ax.axis("off")
+    figure.tight_layout()
+    return figure
+
+
 @dataclasses.dataclass(frozen=True)
 class CorrespondenceOptions(TrainConfig):
     epochs: int = P.setting(20, "epochs at most")
@@ -357,8 +370,6 @@ class Correspondence(Task):
     def showcase(self, submission: dict, release):
         """The first val take's prediction with the largest true target mask: the query frame with
         its mask, the target frame with the true mask and with the predicted one."""
-        import matplotlib.pyplot as plt
-
         results = (submission.get(self.direction) or {}).get("results") or {}
         relations = release.relations("val")
         uid = next((u for u in sorted(results) if u in relations), None)
@@ -380,12 +391,7 @@ class Correspondence(Task):
         panels = [(images[query], rel.object_masks[obj][query][frame].decode(), f"query {query}: {obj}"),
                   (images[target], truth, f"target {target}: truth"),
                   (images[target], guess, f"predicted (IoU {iou:.2f}, confidence {prediction['confidence']:.2f})")]
-        figure, axes = plt.subplots(1, 3, figsize=(12, 3.4))
-        for ax, (image, mask, title) in zip(axes, panels):
-            ax.imshow(overlay(image, mask))
-            ax.set_title(title, fontsize=9)
-            ax.axis("off")
-        figure.tight_layout()
+        figure = panel_figure([(overlay(image, mask), title) for image, mask, title in panels])
         caption = (f"Take {release.take(uid).take_name}, frame {frame}: the object's mask in the query view (left), "
                    f"its true mask in the target view (middle) and the model's (right); outside each mask the frame is darkened.")
         return figure, caption

@@ -634,6 +634,22 @@ def test_correspondence_both_ways_beats_the_mean_mask_in_the_official_format(lea
         assert (out / "submission_test.json").exists()
 
 
+def test_frame_models_read_their_frames_from_the_shards_as_the_release_decodes_them(learn_features, learn_release):
+    from engine.features.store import FeatureStore
+
+    features, release = FeatureStore(str(learn_features)), Release.open(str(learn_release))
+    task = TASKS["correspondence_exo_ego"]
+    from_shards = task(task.Options(size=32)).examples(release, features, "val", train=False)
+    from_release = task(task.Options(size=32, frames="release")).examples(release, features, "val", train=False)
+    # Remux shards hold the release's packets: the same frames, bit for bit.
+    assert len(from_shards) > 100 and from_shards.meta == from_release.meta
+    assert np.array_equal(from_shards.x, from_release.x) and np.array_equal(from_shards.y, from_release.y, equal_nan=True)
+    uid = from_shards.meta[0]["take_uid"]
+    with pytest.raises(ValueError, match=rf"take {uid}: view cam01 frame 100000, which relations annotate, is not in "
+                                         rf"the shards at .*shards \(1 such frames\)"):
+        task(task.Options(size=32)).frames(release, features, "val", {uid: {("cam01", 100000)}})
+
+
 def test_translation_ego_tracks_beat_the_class_prior_and_the_png_folders_score_alike(learn_features, learn_release,
                                                                                     tmp_path, capsys):
     out = tmp_path / "translation"

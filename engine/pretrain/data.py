@@ -190,6 +190,34 @@ def decode_pair(sample: dict[str, bytes], spec: ClipSpec, seed: int, epoch: int,
             "sample": np.int64(index), "epoch": np.int64(epoch)}
 
 
+def frames_by_take(shards_url: str, split: str, wanted: dict[str, set[tuple[str, int]]], size: int | None = None,
+                   storage_options: dict | None = None) -> dict[tuple[str, str, int], np.ndarray]:
+    """Single frames from the shards, for models trained on frames (correspondence, translation):
+    ``wanted`` is {take uid: {(release view key, source frame)}}; returns {(take uid, view key,
+    frame): uint8 [size, size, 3] (or the view's own size)}. Each sample of a wanted take is
+    read once and each of its views decoded only at the wanted frames in its window. A frame no
+    sample holds is left out, for the caller to name."""
+    out: dict[tuple[str, str, int], np.ndarray] = {}
+    for ref in sample_index(shards_url, split, storage_options):
+        pairs = wanted.get(ref.take_uid)
+        if not pairs:
+            continue
+        sample = load(ref, lambda members: members, storage_options)
+        meta = schema.read_meta(sample[schema.JSON_MEMBER])
+        for name, view in sorted(meta.views.items()):
+            frames = sorted(f for key, f in pairs if key == view.key and (ref.take_uid, key, f) not in out
+                            and meta.window.start_frame <= f < meta.window.end_frame)
+            if not frames:
+                continue
+            images, shown = view_frames(sample, name, frames, (size, size) if size else None)
+            if shown != frames:
+                raise ValueError(f"{ref.url}: sample {ref.key} keeps view {name} at a lower rate: frame "
+                                 f"{next(f for f, s in zip(frames, shown) if f != s)} is not in it; models trained "
+                                 f"on frames need shards at the source rate")
+            out.update({(ref.take_uid, view.key, f): image for f, image in zip(frames, images)})
+    return out
+
+
 def centred_clips(sample: dict[str, bytes], spec: ClipSpec) -> list[tuple[np.ndarray, bool]]:
     """Evaluation clips: each view's clip centred in the window, and whether it is the ego view."""
     meta = schema.read_meta(sample[schema.JSON_MEMBER])

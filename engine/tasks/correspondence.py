@@ -15,9 +15,11 @@ error against the true mask resized to a longest side of 480; pooled means over 
 
 Examples: one per (object, query view, target view, query frame with a mask). Inputs: the query
 frame, the query mask and the target frame, each at ``size`` x ``size`` (frames decoded from the
-release's videos, masks area-averaged). Targets: the target mask at that size and the visibility
-(NaN where the target view was not annotated: such frames are predicted, as the official
-scorer requires of a submission, but neither trained on nor scored).
+shards the features were computed from, each sample read once, or with ``frames: release`` from
+the release's videos; masks, from the release's annotations, area-averaged). Targets: the
+target mask at that size and the visibility (NaN where the target view was not annotated:
+such frames are predicted, as the official scorer requires of a submission, but neither
+trained on nor scored).
 
 Model (``siamese``): one full-resolution encoder for both frames; the query mask pools the
 query's feature map into an object descriptor, which is correlated with the target's feature
@@ -106,7 +108,10 @@ class CorrespondenceOptions(TrainConfig):
     batch_size: int = P.setting(32, "global batch, split across workers")
     hidden: int = P.setting(32, "hidden units of the visibility head")
     size: int = P.setting(64, "side of the square frames and masks the model sees, pixels")
-    resolution: str = P.setting("448", "which video files frames are decoded from", choices=("448", "full"))
+    frames: str = P.setting("shards", "where the frames come from: the shards the features were computed from, or "
+                                      "the release's videos (at resolution)", choices=("shards", "release"))
+    resolution: str = P.setting("448", "with frames: release, which video files the frames are decoded from",
+                                choices=("448", "full"))
 
 
 def siamese(size: int, hidden: int, dropout: float):
@@ -246,7 +251,7 @@ class Correspondence(Task):
 
     def examples(self, release, features, split: str, train: bool) -> Examples:
         size = self.options.size
-        xs, ys, meta = [], [], []
+        takes = []
         for uid, rel in sorted(release.relations(split).items()):
             items = []
             for obj in sorted(rel.annotated_frames):
@@ -255,16 +260,19 @@ class Correspondence(Task):
                         annotated = frame in rel.annotated_frames[obj].get(target, ())
                         if annotated or not train:
                             items.append((obj, query, target, frame, annotated))
-            if not items:
-                continue
-            frames = self._frames(release, uid, {(v, f) for _, q, t, f, _ in items for v in (q, t)})
+            if items:
+                takes.append((uid, rel, items))
+        frames = self.frames(release, features, split,
+                             {uid: {(v, f) for _, q, t, f, _ in items for v in (q, t)} for uid, _, items in takes})
+        xs, ys, meta = [], [], []
+        for uid, rel, items in takes:
             take_name = release.take(uid).take_name
             sizes = {view: (m.height, m.width) for tracks in rel.object_masks.values()
                      for view, track in tracks.items() for m in track.values()}
             for obj, query, target, frame, annotated in items:
                 query_mask = rel.object_masks[obj][query][frame].decode()
-                xs.append(np.concatenate([frames[query, frame].reshape(-1), area_resize(query_mask, size).reshape(-1),
-                                          frames[target, frame].reshape(-1)]))
+                xs.append(np.concatenate([frames[uid, query, frame].reshape(-1), area_resize(query_mask, size).reshape(-1),
+                                          frames[uid, target, frame].reshape(-1)]))
                 truth = rel.object_masks[obj].get(target, {}).get(frame)
                 if not annotated:
                     ys.append(np.full(size * size + 1, np.nan, np.float32))
@@ -278,17 +286,31 @@ class Correspondence(Task):
         return Examples(np.asarray(xs, np.float32).reshape(-1, 7 * size * size),
                         np.asarray(ys, np.float32).reshape(-1, size * size + 1), meta)
 
-    def _frames(self, release, uid: str, wanted: set[tuple[str, int]]) -> dict[tuple[str, int], np.ndarray]:
-        """(view key, frame) -> uint8 [size, size, 3], each view decoded in one pass."""
-        views = {v.key: v for v in release.take(uid).views(self.options.resolution)}
-        out = {}
-        for key in sorted({v for v, _ in wanted}):
-            if key not in views:
-                raise ValueError(f"take {uid}: relations name view {key}, which the take has no video of")
-            frames = {f for v, f in wanted if v == key}
-            out.update({(key, i): image for i, image in view_frames(release, views[key], frames, self.options.size).items()})
-            if missing := sorted(f for f in frames if (key, f) not in out):
-                raise ValueError(f"take {uid}: view {key} has no frame {missing[0]} (relations annotate it)")
+    def frames(self, release, features, split: str,
+               wanted: dict[str, set[tuple[str, int]]]) -> dict[tuple[str, str, int], np.ndarray]:
+        """(take uid, view key, frame) -> uint8 [size, size, 3] for ``wanted`` ({take uid: {(view
+        key, frame)}}): from the shards the features were computed from (``frames: shards``), each
+        sample read once; or from the release's videos, each view decoded in one pass."""
+        from engine import stage as stages
+        from engine.pretrain.data import frames_by_take
+
+        size = self.options.size
+        if self.options.frames == "shards":
+            shards = stages.upstream(features.url, "shard", features.storage_options)
+            out = frames_by_take(shards, split, wanted, size, features.storage_options)
+            where = f"the shards at {shards}"
+        else:
+            out, where = {}, f"the release's {self.options.resolution} videos"
+            for uid, pairs in sorted(wanted.items()):
+                views = {v.key: v for v in release.take(uid).views(self.options.resolution)}
+                for key in sorted({v for v, _ in pairs}):
+                    if key in views:
+                        decoded = view_frames(release, views[key], {f for v, f in pairs if v == key}, size)
+                        out.update({(uid, key, f): image for f, image in decoded.items()})
+        for uid, pairs in sorted(wanted.items()):
+            if missing := sorted(p for p in pairs if (uid, *p) not in out):
+                raise ValueError(f"take {uid}: view {missing[0][0]} frame {missing[0][1]}, which relations annotate, "
+                                 f"is not in {where} ({len(missing)} such frames)")
         return out
 
     def truth(self, release, split: str) -> dict:

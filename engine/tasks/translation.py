@@ -303,9 +303,10 @@ class TranslationGeneration(TranslationExoEgo):
 
     Scoring, as eval_subtask2.py: both images loaded as RGB and resized to 256 x 256 by PIL's
     default (bicubic); per image SSIM and PSNR (``ssim``, ``psnr``), means over all images; a
-    missing prediction scores SSIM 0 and PSNR 0. The truth frames are decoded from the same
-    video files as the model's inputs (``resolution``); a run writes them, at 256 x 256, as the
-    ground-truths folder.
+    missing prediction scores SSIM 0 and PSNR 0. The truth frames are the release's ego frames,
+    decoded from its ``resolution`` videos (the model's inputs come from the shards cut from
+    them, unless ``frames: release``); a run writes them, at 256 x 256, as the ground-truths
+    folder.
 
     LPIPS, DISTS and the CLIP score need networks whose weights we do not ship: with the option
     ``perceptual`` naming a folder, each of ``lpips.pt2``, ``dists.pt2`` and ``clip_score.pt2``

@@ -16,7 +16,8 @@ key's dotted path and the reason (``tasks.keystep_recognition.epochs: expected a
 
 Every other section is a registered stage kind's (``engine.stage``): its keys are the fields of
 the kind's params dataclass. A section that is absent (or ``false``) is a stage that does not
-run; a stage whose inputs are absent is an error.
+run, and so is one variant set to ``false`` (``--set tasks.ego_hand_pose=false``); a stage whose
+inputs are absent is an error.
 """
 from __future__ import annotations
 
@@ -111,7 +112,8 @@ def parse(raw: dict, where: str = "spec", local: bool = True) -> Spec:
             for variant, values in P.mapping(raw[key], at).items():
                 if variant not in known:
                     raise SpecError(f"{at}.{variant}: unknown {kind.name}; known: {', '.join(sorted(known))}")
-                parsed[key][variant] = P.build(known[variant], values, f"{at}.{variant}")
+                if values is not False:
+                    parsed[key][variant] = P.build(known[variant], values, f"{at}.{variant}")
         else:
             parsed[key] = P.build(kind.params, raw[key], at)
     for key, kind in by_key.items():

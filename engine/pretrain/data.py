@@ -195,17 +195,17 @@ def frames_by_take(shards_url: str, split: str, wanted: dict[str, set[tuple[str,
     """Single frames from the shards, for models trained on frames (correspondence, translation):
     ``wanted`` is {take uid: {(release view key, source frame)}}; returns {(take uid, view key,
     frame): uint8 [size, size, 3] (or the view's own size)}. Each sample of a wanted take is
-    read once and each of its views decoded only at the wanted frames in its window. A frame no
-    sample holds is left out, for the caller to name."""
-    out: dict[tuple[str, str, int], np.ndarray] = {}
-    for ref in sample_index(shards_url, split, storage_options):
-        pairs = wanted.get(ref.take_uid)
-        if not pairs:
-            continue
+    read once and each of its views decoded only at the wanted frames in its window, samples on
+    a few threads (reads and decoding release the GIL). A frame no sample holds is left out, for
+    the caller to name."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def sample_frames(ref: SampleRef) -> dict[tuple[str, str, int], np.ndarray]:
+        pairs, found = wanted[ref.take_uid], {}
         sample = load(ref, lambda members: members, storage_options)
         meta = schema.read_meta(sample[schema.JSON_MEMBER])
         for name, view in sorted(meta.views.items()):
-            frames = sorted(f for key, f in pairs if key == view.key and (ref.take_uid, key, f) not in out
+            frames = sorted(f for key, f in pairs if key == view.key
                             and meta.window.start_frame <= f < meta.window.end_frame)
             if not frames:
                 continue
@@ -214,7 +214,15 @@ def frames_by_take(shards_url: str, split: str, wanted: dict[str, set[tuple[str,
                 raise ValueError(f"{ref.url}: sample {ref.key} keeps view {name} at a lower rate: frame "
                                  f"{next(f for f, s in zip(frames, shown) if f != s)} is not in it; models trained "
                                  f"on frames need shards at the source rate")
-            out.update({(ref.take_uid, view.key, f): image for f, image in zip(frames, images)})
+            found.update({(ref.take_uid, view.key, f): image for f, image in zip(frames, images)})
+        return found
+
+    refs = [ref for ref in sample_index(shards_url, split, storage_options) if wanted.get(ref.take_uid)]
+    out: dict[tuple[str, str, int], np.ndarray] = {}
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        for found in pool.map(sample_frames, refs):
+            # Overlapping windows hold a frame twice: the first sample's stays.
+            out.update({k: v for k, v in found.items() if k not in out})
     return out
 
 

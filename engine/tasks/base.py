@@ -114,7 +114,8 @@ class Task:
         raise NotImplementedError
 
     def truth(self, release, split: str) -> dict:
-        """The split's ground truth as plain JSON, all that evaluate() needs."""
+        """The split's ground truth, all that evaluate() needs: plain JSON, or numpy images where
+        the truth is images (translation's ego frames)."""
         raise NotImplementedError
 
     def submission(self, logits: np.ndarray, examples: Examples, split: str) -> dict:

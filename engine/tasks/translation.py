@@ -347,12 +347,12 @@ class TranslationGeneration(TranslationExoEgo):
             wanted.setdefault((uid, ego), set()).add(frame)
         frames = {}
         for (uid, ego), numbers in sorted(wanted.items()):
-            view = next(v for v in release.take(uid).views(self.options.resolution) if v.key == ego)
-            for frame, image in view_frames(release, view, numbers).items():
-                frames[f"{uid}/{frame}"] = load_image(png_bytes(image))
-        if missing := sorted(set(images.values()) - set(frames)):
-            raise ValueError(f"take {missing[0].split('/')[0]}: the ego video has no frame {missing[0].split('/')[1]} "
-                             f"(relations annotate it)")
+            views = {v.key: v for v in release.take(uid).views(self.options.resolution)}
+            decoded = view_frames(release, views[ego], numbers) if ego in views else {}
+            if missing := sorted(numbers - set(decoded)):
+                raise ValueError(f"take {uid}: relations annotate ego view {ego} at frame {missing[0]}, which its "
+                                 f"{self.options.resolution} video does not have")
+            frames.update({f"{uid}/{frame}": load_image(png_bytes(image)) for frame, image in decoded.items()})
         return {"images": images, "frames": frames}
 
     def submission(self, logits: np.ndarray, examples: Examples, split: str) -> dict:

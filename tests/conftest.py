@@ -19,16 +19,6 @@ PROCEDURAL = ["Cooking", "Health", "Bike Repair"]
 PHYSICAL = ["Music", "Basketball", "Rock Climbing", "Soccer", "Dance"]
 
 
-@pytest.fixture(scope="session", autouse=True)
-def fast_train_reports():
-    """Ray Train's controller polls workers every 2 s, which each report waits for; the
-    miniature's epochs last milliseconds, so poll faster. Set in the environment, it reaches
-    Ray Train's actors and every process the tests start (the local cluster's included)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
-        yield
-
-
 @pytest.fixture(scope="session")
 def default_release(tmp_path_factory) -> Path:
     """The README's demo release: the default preset, seed 0."""

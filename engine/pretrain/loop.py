@@ -31,7 +31,7 @@ from engine import storage
 from engine.features import models
 from engine.pretrain import data
 from engine.pretrain.objectives import objective
-from engine.train.loop import ray_storage
+from engine.train.loop import prompt_reports, ray_storage
 
 PROGRESS = "progress.json"
 
@@ -284,6 +284,7 @@ def pretrain(shards_url: str, out: str, config, address: str | None = None, prog
     options.preserve_order = True        # each worker's rows in their planned order
     log(f"pretrain: {len(train_index)} train and {len(val_index)} val samples, {plan['steps']} steps of "
         f"{config.batch_size} clips on {config.workers} worker(s), from step {plan['start_step']}")
+    prompt_reports()
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"config": config, "plan": plan, "spec": spec, "out": out, "storage_options": storage_options,

@@ -147,11 +147,7 @@ def fit(task: Task, train: Examples, val: Examples, truth: dict, outputs: int, o
     if not ray.is_initialized():
         ray.init(address=address, log_to_driver=False, configure_logging=False)
     use_gpu = config.use_gpu if config.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
-    # Every epoch reports, and Ray Train's controller takes a worker's report when it polls it:
-    # every 2 s by default, while a benchmark's epoch lasts milliseconds to seconds (40 epochs of
-    # keystep recognition: 97 s at 2 s, 20 s at 0.1 s). Ray Train hands RAY_TRAIN_* variables from
-    # the driver to its controller; a value the user set stays.
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
+    prompt_reports()
     regression = train.y.dtype.kind == "f"
     dataset = ray.data.from_items([{"x": x, "y": y if regression else int(y), "i": i}
                                    for i, (x, y) in enumerate(zip(train.x, train.y))])
@@ -168,6 +164,15 @@ def fit(task: Task, train: Examples, val: Examples, truth: dict, outputs: int, o
     result = trainer.fit()
     with result.checkpoint.as_directory() as d:
         return torch.load(os.path.join(d, "state.pt"), weights_only=False)
+
+
+def prompt_reports() -> None:
+    """Ray Train's controller takes a worker's report when it polls it, every 2 s by default, and
+    the worker's next report waits for that. Our trainers report every epoch (benchmarks: an
+    epoch lasts milliseconds to seconds; 40 of keystep recognition took 97 s at 2 s, 16-20 s at
+    0.1 s) or checkpoint (pretraining): poll every 0.1 s. Ray Train hands RAY_TRAIN_* variables
+    from the driver to its controller; a value the user set stays."""
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
 
 
 def ray_storage(out: str, storage_options: dict | None = None) -> dict:

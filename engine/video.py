@@ -195,7 +195,8 @@ def resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 class VideoWriter:
-    """H.264 yuv420p mp4 writer at a constant frame rate, with an optional AAC track.
+    """H.264 yuv420p mp4 writer at a constant frame rate, with an optional AAC track; the same
+    frames give the same bytes.
 
     Packets are muxed at close, in timestamp order: the file's bytes then depend only on the
     encoded streams, not on when the encoders happened to return packets.
@@ -211,7 +212,10 @@ class VideoWriter:
         self.stream.width, self.stream.height = width, height
         self.stream.pix_fmt = "yuv420p"
         self.stream.codec_context.gop_size = gop
-        self.stream.options = {"crf": str(crf), "preset": preset}
+        # mbtree off: with x264's macroblock-tree rate control the bytes vary with what the process
+        # encoded before (an encode repeated in one process differs); without it they depend on
+        # the frames alone, so a release or a transcoded shard is reproducible.
+        self.stream.options = {"crf": str(crf), "preset": preset, "mbtree": "0"}
         self.frames = 0
         self.packets: list[av.Packet] = []
         self.audio = None

@@ -17,17 +17,17 @@ def lz_decompress(encoded: str) -> str | None:
     """LZString's ``decompressFromEncodedURIComponent``, reading many bits at a time (the
     lzstring package reads one bit per Python step; masks are decoded by the thousand)."""
     try:
-        bits = "".join(_SIX_BITS[c] for c in encoded.replace(" ", "+"))
+        # Reversed, so that a read of n bits is one slice read as a number, high bit first:
+        # each character's bits are read high to low and make up a value low bit first.
+        bits = "".join(_SIX_BITS[c] for c in encoded.replace(" ", "+"))[::-1]
     except KeyError:
         return None
-    position = 0
+    end = len(bits)          # the unread bits are bits[:end]
 
     def read(n: int) -> int:
-        # Each character's bits are read high to low and make up a value low bit first.
-        nonlocal position
-        chunk = bits[position:position + n]
-        position += n
-        return int(chunk[::-1], 2) if len(chunk) == n else -1
+        nonlocal end
+        end -= n
+        return int(bits[end:end + n], 2) if end >= 0 else -1
 
     kind = read(2)
     if kind not in (0, 1):
@@ -36,9 +36,10 @@ def lz_decompress(encoded: str) -> str | None:
     dictionary = ["", "", "", w]
     result, enlarge_in, num_bits = [w], 4, 3
     while True:
-        code = read(num_bits)
-        if code < 0:
+        end -= num_bits      # read(num_bits), inline: this loop runs once per code
+        if end < 0:
             return None
+        code = int(bits[end:end + num_bits], 2)
         if code in (0, 1):
             dictionary.append(chr(read(8 if code == 0 else 16)))
             code = len(dictionary) - 1

@@ -18,11 +18,31 @@ import posixpath
 from collections.abc import Callable
 from typing import Any
 
+import orjson
+
 from engine import storage
 from engine.errors import ContentError, StorageFault
 from engine.release import records as rec
 
 SPLITS = ("train", "val", "test")
+# Digits kept, everything else a space: 19 digits in a row may be an integer past 64 bits, which
+# orjson turns into a float where json keeps it exact.
+_DIGITS = bytes(c if 48 <= c <= 57 else 32 for c in range(256))
+
+
+def loads(raw: bytes | str) -> Any:
+    """``json.loads``, the same values, about twice as fast on the pose files (most of what a
+    shard job parses). orjson where it gives exactly json's result; json for anything it
+    rejects (NaN, 1e400, lone surrogates, a BOM, other encodings, deep nesting, malformed files:
+    json's error names the line and column) and for 19-digit runs (a check of 1 ms per MB)."""
+    if isinstance(raw, bytes) and b"0" * 19 not in raw.translate(_DIGITS):
+        try:
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            pass
+    return json.loads(raw)
+
+
 # What a malformed entry can raise while being parsed.
 _ENTRY_ERRORS = (rec.MalformedEntry, KeyError, TypeError, ValueError, AttributeError)
 
@@ -86,7 +106,7 @@ class Release:
         except Exception as e:
             raise ReleaseError(f"{relative}: cannot read: {e}", relative) from e
         try:
-            return json.loads(raw)
+            return loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             where = f"line {e.lineno} column {e.colno}: {e.msg}" if isinstance(e, json.JSONDecodeError) else str(e)
             raise ReleaseError(f"{relative}: malformed JSON at {where}", relative) from e

@@ -44,6 +44,8 @@ from __future__ import annotations
 
 import dataclasses
 import io
+from itertools import repeat
+from operator import itemgetter
 
 import numpy as np
 
@@ -138,27 +140,45 @@ class PoseTrack:
         camera_index = {c: i for i, c in enumerate(cameras)}
         n, nj, nc = len(frames), len(joints), len(cameras)
         # One flat list per array, filled in a single numpy assignment: setting items one by one
-        # costs microseconds each, and a take has hundreds of thousands of them.
+        # costs microseconds each, and a take has hundreds of thousands of them. The lists are
+        # extended a dict at a time through map/itemgetter (C loops): a Python step per point was
+        # most of a shard job's time on pose-heavy takes.
+        rows3d, index3d, values3d, views3d = [], [], [], []
+        rows2d, cams2d, index2d, values2d, placements = [], [], [], [], []
+        xyz, xy = itemgetter("x", "y", "z"), itemgetter("x", "y")
+        for row, frame in enumerate(frames):
+            entry = entries[frame]
+            points = (entry.get("annotation3D") or {}).values()
+            rows3d += repeat(row, len(points))
+            index3d += map(joint_index.__getitem__, entry.get("annotation3D") or {})
+            values3d += map(xyz, points)
+            views3d += map(dict.get, points, repeat("num_views_for_3d"))
+            for cam, named in (entry.get("annotation2D") or {}).items():
+                points = named.values()
+                rows2d += repeat(row, len(points))
+                cams2d += repeat(camera_index[cam], len(points))
+                index2d += map(joint_index.__getitem__, named)
+                values2d += map(xy, points)
+                placements += map(dict.get, points, repeat("placement"))
+        # Codes in order of first appearance, as a value is first met frame by frame.
         codes: dict[str, int] = {}
-        points3d = [(row, joint_index[name], p["x"], p["y"], p["z"], p.get("num_views_for_3d"))
-                    for row, frame in enumerate(frames) for name, p in (entries[frame].get("annotation3D") or {}).items()]
-        points2d = [(row, camera_index[cam], joint_index[name], p["x"], p["y"],
-                     -1 if p.get("placement") is None else codes.setdefault(p["placement"], len(codes)))
-                    for row, frame in enumerate(frames) for cam, points in (entries[frame].get("annotation2D") or {}).items()
-                    for name, p in points.items()]
+        for value in dict.fromkeys(placements):
+            if value is not None:
+                codes.setdefault(value, len(codes))
         joints3d = np.full((n, nj, 3), np.nan, np.float32)
         joints2d = np.full((n, nc, nj, 2), np.nan, np.float32)
         views = np.full((n, nj), -1, np.int8)
         placement = np.full((n, nc, nj), -1, np.int8)
-        has_views = any(p[5] is not None for p in points3d)
-        if points3d:
-            rows, index = np.array([p[:2] for p in points3d]).T
-            joints3d[rows, index] = [p[2:5] for p in points3d]
-            views[rows, index] = [-1 if p[5] is None else p[5] for p in points3d]
-        if points2d:
-            rows, cams, index = np.array([p[:3] for p in points2d]).T
-            joints2d[rows, cams, index] = [p[3:5] for p in points2d]
-            placement[rows, cams, index] = [p[5] for p in points2d]
+        has_views = any(v is not None for v in views3d)
+        if rows3d:
+            rows, index = np.asarray(rows3d), np.asarray(index3d)
+            joints3d[rows, index] = values3d
+            views[rows, index] = [-1 if v is None else v for v in views3d]
+        if rows2d:
+            rows, cams, index = np.asarray(rows2d), np.asarray(cams2d), np.asarray(index2d)
+            joints2d[rows, cams, index] = values2d
+            if len(codes) > 1:       # else no per-point codes are written (below)
+                placement[rows, cams, index] = [-1 if v is None else codes[v] for v in placements]
         arrays = {"frames": np.asarray(frames, np.int32), "joints3d": joints3d, "joints2d": joints2d}
         if has_views:
             arrays["num_views_for_3d"] = views

@@ -40,7 +40,7 @@ LEASE_S = 60.0       # a claim not renewed for this long belongs to a run that i
 SETTLE_S = 0.3       # two claims written at once: the later one stands, the earlier run sees it and yields
 # Modules that register the built-in kinds and benchmarks, in run order.
 BUILTIN = ("engine.release.stage", "engine.release.validate", "engine.shards.job", "engine.pretrain.stage",
-           "engine.features.job", "engine.train.stage", "engine.graph.report")
+           "engine.features.job", "engine.train.stage", "engine.pretrain.probe", "engine.graph.report")
 PLUGINS_ENV = "EE4D_PLUGINS"
 
 
@@ -145,6 +145,11 @@ def fingerprint(stage_kind: StageKind, params, inputs: dict[str, str], variant: 
     blob = json.dumps({"kind": stage_kind.name, "variant": variant, "version": stage_kind.version,
                        "params": params.identity(), "inputs": inputs}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def output_url(out: str, stage_kind: StageKind, variant: str | None, fingerprint: str) -> str:
+    """Where a run rooted at ``out`` keeps a stage: ``<out>/<folder>/[<variant>/]<fingerprint>``."""
+    return storage.join(out, stage_kind.folder or stage_kind.name, *([variant] if variant else []), fingerprint)
 
 
 def read_record(url: str, storage_options: dict | None = None) -> dict | None:

@@ -29,11 +29,11 @@ DEMO_TASKS = ("keystep_recognition", "demonstrator_proficiency", "demonstration_
               "correspondence_ego_exo", "correspondence_exo_ego")
 # The demo spec, shrunk: 10 takes of 4 s hold val examples for every benchmark; 4 pretraining steps.
 SMALL = ["release.synth.preset=tiny", "release.synth.takes=10", "release.synth.seconds=4"] + [
-    f"tasks.{t}.epochs=4" for t in DEMO_TASKS] + ["pretrain.steps=4"]
+    f"tasks.{t}.epochs=4" for t in DEMO_TASKS] + ["pretrain.steps=4", "probe.epochs=4"]
 # Jobs on the clusters below train two benchmarks, one on features and one on frames from the
 # shards; the local demo run trains them all.
 CLUSTER_TASKS = ("keystep_recognition", "correspondence_ego_exo")
-ONLY_CLUSTER_TASKS = [f"tasks.{t}=false" for t in DEMO_TASKS if t not in CLUSTER_TASKS]
+ONLY_CLUSTER_TASKS = [f"tasks.{t}=false" for t in DEMO_TASKS if t not in CLUSTER_TASKS] + ["probe=false"]
 
 
 def cluster_part(found: dict) -> dict:
@@ -111,9 +111,10 @@ def demo_run(tmp_path_factory) -> Path:
 def test_the_demo_spec_runs_end_to_end_and_reports_every_benchmark(demo_run):
     assert set(statuses(demo_run).values()) == {"ran"}
     report = (demo_run / "report.html").read_text()
+    stages_run = {s["stage"]: Path(s["output"]) for s in json.loads((demo_run / "run.json").read_text())["stages"]}
     for stage, found in outputs(demo_run).items():
         if stage.startswith("task/"):
-            folder = next(demo_run.glob(f"tasks/{stage[5:]}/*/result.json")).parent
+            folder = stages_run[stage]
             result = json.loads((folder / "result.json").read_text())
             metric = result["metric"]
             assert found["val"][metric] == result["val"][metric]
@@ -132,6 +133,23 @@ def test_the_demo_spec_runs_end_to_end_and_reports_every_benchmark(demo_run):
     assert "<h3>online_keystep: mcAP against average power (mW)</h3>" in report
     assert "body and hand keypoints (manual annotation) and object masks" in report
     assert "<h2>Pretraining</h2>" in report and "ego&rarr;exo top-1" in report
+    # The probe: its random-init side is the graph's own features and, where the settings are
+    # equal, the graph's own benchmark run; its pretrained features sit where the graph keeps features.
+    probe = json.loads((stages_run["probe"] / "stage.json").read_text())["result"]
+    assert probe["features"]["start"] == str(stages_run["features"])
+    pretrained = Path(probe["features"]["pretrained"])
+    assert pretrained.parent == demo_run / "features" and pretrained != stages_run["features"]
+    start_files = sorted(p.name for p in stages_run["features"].glob("*.pt"))
+    assert sorted(p.name for p in pretrained.glob("*.pt")) == start_files
+    a, b = (torch.load(folder / start_files[0], weights_only=True) for folder in (stages_run["features"], pretrained))
+    assert a.shape == b.shape and not torch.equal(a, b)
+    assert probe["tasks"]["demonstration_proficiency"]["start"][0]["output"] == \
+        str(stages_run["task/demonstration_proficiency"])
+    assert "<h2>Benchmarks on pretrained features</h2>" in report
+    for task, runs in probe["tasks"].items():
+        assert len(runs["start"]) == len(runs["pretrained"]) == 1
+        assert f"<tr><td>{task}</td><td>{runs['metric']} (higher is better)</td><td>{runs['start'][0]['value']:.4f}" \
+               f"</td><td><b>{runs['pretrained'][0]['value']:.4f}</b></td>" in report
     for record in json.loads((demo_run / "run.json").read_text())["stages"]:
         assert json.loads((Path(record["output"]) / "stage.json").read_text())["status"] == "done"
         assert record["stage"] == "report" or record["fingerprint"] in report
@@ -179,6 +197,7 @@ def test_notebooks_execute_on_the_demo_run(demo_run, notebook, monkeypatch):
     ("tasks.pose=1", "tasks.pose: unknown task; known: correspondence_ego_exo, correspondence_exo_ego, demonstration"),
     ("features.bacth_size=4", "features.bacth_size: unknown key; keys are"),
     ("release.url=/data/egoexo", "release: give exactly one of url"),
+    ("probe.tasks=[ego_hand_pose]", "probe: ego_hand_pose does not read features"),
 ])
 def test_a_malformed_spec_fails_at_once_naming_the_key(tmp_path, override, message):
     proc = ee4d("run", "jobs/demo.yaml", "--out", str(tmp_path / "never"), "--set", override, check=False)
@@ -203,7 +222,8 @@ def test_every_shipped_spec_parses():
 
 
 def test_a_benchmark_set_to_false_leaves_the_graph():
-    spec = specs.load(str(REPO / "jobs" / "demo.yaml"), ["tasks.ego_hand_pose=false", "pretrain=false"], local=False)
+    spec = specs.load(str(REPO / "jobs" / "demo.yaml"), ["tasks.ego_hand_pose=false", "pretrain=false", "probe=false"],
+                      local=False)
     assert sorted(spec.sections["tasks"]) == sorted(set(DEMO_TASKS) - {"ego_hand_pose"})
     assert "pretrain" not in spec.sections
 

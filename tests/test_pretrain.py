@@ -61,6 +61,41 @@ def test_retrieval_scores_a_perfect_and_a_useless_embedding_against_chance():
     assert useless["top1"] <= 1 / moments + 1e-9   # ties rank in gallery order: only moment 0's query hits
 
 
+def test_fsdp_shards_the_encoder_blocks_and_can_evaluate_before_it_trains(tmp_path):
+    """One process (world 1): the sharding policy, the 0-d temperature kept whole, evaluation
+    through the root's forward before any training step (FSDP picks its root at the first
+    forward), the same numbers and state-dict names as the plain network."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    config = PretrainConfig()
+    plain, _ = loop.build_net(config, config.model_spec())
+    net, _ = loop.build_net(config, config.model_spec())
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        loop.shard(net, init_device_mesh("cpu", (1,)))
+        assert [name for name, m in net.named_modules() if isinstance(m, FSDPModule)] == [
+            "", "encoder.net.0", "encoder.net.2", "encoder.net.4", "encoder.net.8"]
+        assert isinstance(net.heads.ego[0].weight, DTensor) and not isinstance(net.heads.logit_scale, DTensor)
+        assert [len(g["params"]) for g in loop.param_groups(net)] == [len(list(net.parameters())) - 1, 1]
+        clips = torch.randint(0, 256, (4, 8, 64, 64, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+        is_ego = torch.tensor([True, False, True, False])
+        with torch.no_grad():
+            assert torch.equal(net(clips, is_ego=is_ego), plain(clips, is_ego=is_ego))
+        loss = net(clips[:2], clips[2:])
+        loss.backward()
+        assert torch.equal(loss, plain(clips[:2], clips[2:]))
+        weights = get_model_state_dict(net, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        assert weights.keys() == plain.state_dict().keys()
+        assert all(torch.equal(v, plain.state_dict()[k]) for k, v in weights.items())
+    finally:
+        dist.destroy_process_group()
+
+
 @pytest.fixture(scope="module")
 def stamp_shards(tiny_release, tmp_path_factory, local_ray) -> Path:
     """Remux shards of the tiny release (3 takes of 2 s, 448), 1 s windows."""
@@ -221,6 +256,48 @@ def test_two_workers_on_two_nodes_leave_an_encoder_the_feature_job_runs(train_sh
                 assert not torch.allclose(tensor, random_init)     # the trained weights are the ones used
                 names.add(name)
     assert {p.stem for p in (tmp_path / "features").glob("*.pt")} == names
+
+
+def test_fsdp_trains_as_ddp_does_and_a_run_resumes_across_the_modes(train_shards, tmp_path):
+    """Two workers, two micro-batches a step, fp32 on CPU (gloo): FSDP for 4 steps against DDP
+    for 2 steps then FSDP resuming that checkpoint to step 4, from the same data and initial
+    weights. Measured here: losses and encoder weights bitwise equal (two ranks: a sum of two
+    halves has one order), the random-init retrieval too (every rank evaluating under FSDP,
+    rank 0 alone under DDP)."""
+    import ray
+    import torch
+
+    from engine.features import models
+
+    settings = dict(batch_size=8, workers=2, accumulate=2, checkpoint_every=2, lr=3e-3)
+    ray.shutdown()
+    ray.init(num_cpus=4, log_to_driver=False, include_dashboard=False)   # 1 CPU each worker, 2 decode
+    try:
+        fsdp = loop.pretrain(str(train_shards), str(tmp_path / "fsdp"),
+                             PretrainConfig(steps=4, warmup=0.5, parallel="fsdp", **settings), progress=False)
+        # 2 steps, all warm-up: the learning rate it leaves for step 3 is the 4-step runs' one.
+        ddp = loop.pretrain(str(train_shards), str(tmp_path / "mixed"),
+                            PretrainConfig(steps=2, warmup=1.0, parallel="ddp", **settings), progress=False)
+        mixed = loop.pretrain(str(train_shards), str(tmp_path / "mixed"),
+                              PretrainConfig(steps=4, warmup=0.5, parallel="fsdp", evaluate=False, **settings),
+                              progress=False)
+    finally:
+        ray.shutdown()
+
+    def losses(name):
+        return [json.loads(line)["loss"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+
+    assert fsdp["steps"] == 4 and ddp["steps"] == 2 and mixed["steps"] == 4 and mixed["resumed_from"] == [2]
+    np.testing.assert_allclose(losses("fsdp"), losses("mixed"), rtol=0, atol=1e-6)
+    assert fsdp["retrieval_random_init"] == ddp["retrieval_random_init"]
+    assert fsdp["retrieval"]["queries"] == 12 and fsdp["retrieval"]["gallery"] == 48
+    spec = models.resolve(f"pretrained:{tmp_path / 'fsdp'}")
+    encoder = models.build(spec)                    # the FSDP run's encoder, as a feature model
+    assert encoder(torch.zeros(1, 3, 8, 64, 64)).shape == (1, 240)
+    other = torch.load(tmp_path / "mixed" / "encoder.pt", weights_only=True)
+    assert max((encoder.state_dict()[k] - v).abs().max().item() for k, v in other.items()) <= 1e-6
+    initial = models.build(models.resolve("tiny_video")).state_dict()
+    assert not all(torch.equal(encoder.state_dict()[k], v) for k, v in initial.items())
 
 
 def test_checkpoints_and_metrics_on_s3_read_back_identically(train_shards, s3_endpoint, tmp_path):

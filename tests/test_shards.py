@@ -428,6 +428,12 @@ def test_killed_worker_then_killed_driver_resume_to_identical_shards(default_rel
         assert leftovers == []
 
 
+def test_a_transcoded_window_is_the_same_bytes_every_time(default_release):
+    take = Release.open(str(default_release)).takes()[0]
+    path = str(default_release / take.views("448")[1].path)
+    assert len({video.transcode(path, 0, 90, gop=30).data for _ in range(5)}) == 1
+
+
 def test_a_few_frames_decode_a_few_gops_not_the_window(default_release, monkeypatch):
     """decode_at seeks to the keyframe before each wanted frame when that skips decoding."""
     take = Release.open(str(default_release)).takes()[0]

@@ -50,9 +50,8 @@ def plan(spec: Spec, out: str | None = None, storage_options: dict | None = None
             given = kind.given_url(params) and storage.absolute(kind.given_url(params))
             fingerprint = (kind.given(given, storage_options) if given else
                            stages.fingerprint(kind, params, fingerprints, variant))
-            folder = [kind.folder or kind.name] + ([variant] if variant else []) + [fingerprint]
             stage = stages.Stage(f"{kind.name}/{variant}" if variant else kind.name, kind, params, inputs,
-                                 fingerprint, given or storage.join(out, *folder))
+                                 fingerprint, given or stages.output_url(out, kind, variant, fingerprint))
             planned.append(stage)
             by_kind.setdefault(kind.name, stage)
     return planned

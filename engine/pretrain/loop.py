@@ -2,10 +2,12 @@
 
 The driver plans the run (steps, each worker's slice of the data order) and hands every worker
 its own Ray Dataset of decoded clips (``train_<rank>``, decoded on CPU tasks and kept in order)
-and rank 0 the validation clips (``val``). Workers run DDP with gradient
-accumulation, bf16 autocast on GPUs, and every ``checkpoint_every`` steps and at every epoch's
-end report a checkpoint holding the model, optimizer, scheduler, step, data position and the
-metrics so far, to ``OUT/ray`` (any fsspec URL). Rerunning the same command resumes: Ray Train
+and the validation clips (``val``). Workers run DDP, or with ``parallel: fsdp`` FSDP2 (the
+parameters, gradients and optimizer state sharded across them), with gradient accumulation,
+bf16 autocast on GPUs, and every ``checkpoint_every`` steps and at every epoch's end report a
+checkpoint holding the model, optimizer (full, unsharded tensors keyed by parameter name, the
+same in both modes, so a run may resume under the other), scheduler, step, data position and
+the metrics so far, to ``OUT/ray`` (any fsspec URL). Rerunning the same command resumes: Ray Train
 restores the last checkpoint, and each worker's stream starts at the row it had reached
 (``progress.json`` names the last two checkpointed steps, and the driver starts the streams at
 the earlier one: Ray Train records a checkpoint a moment after the worker writes progress.json,
@@ -53,7 +55,15 @@ def _torch_modules():
             x = clips.permute(0, 4, 1, 2, 3).float().div_(255).sub_(self.mean).div_(self.std)   # [B, 3, T, H, W]
             return self.encoder(x if self.video else x[:, :, 0]).flatten(1)
 
-        def forward(self, ego: torch.Tensor, exo: torch.Tensor) -> torch.Tensor:
+        def forward(self, ego: torch.Tensor, exo: torch.Tensor | None = None, *,
+                    is_ego: torch.Tensor | None = None) -> torch.Tensor:
+            """The loss of a batch of moments (``ego[i]`` and ``exo[i]`` show the same one); or,
+            as ``net(clips, is_ego=mask)``, the clips' unit embeddings, each through its view's
+            head. Both go through forward: FSDP gathers the root's parameters (the heads) there."""
+            if is_ego is not None:
+                features = self.encode(ego)
+                return torch.where(is_ego[:, None], self.goal.embed(self.heads, features, True),
+                                   self.goal.embed(self.heads, features, False))
             features = self.encode(torch.cat([ego, exo]))    # one encoder pass for both views
             return self.goal.loss(self.heads, features[:len(ego)], features[len(ego):])
 
@@ -92,9 +102,7 @@ def embed(net, batches, device) -> dict[str, np.ndarray]:
     with torch.no_grad():
         for batch in batches:
             ego = batch["is_ego"].bool()
-            features = net.encode(batch["clip"].to(device))
-            z = torch.where(ego.to(device)[:, None], net.goal.embed(net.heads, features, True),
-                            net.goal.embed(net.heads, features, False))
+            z = net(batch["clip"].to(device), is_ego=ego.to(device))
             zs.append(z.float().cpu().numpy())
             samples.append(batch["sample"].numpy())
             is_ego.append(ego.numpy())
@@ -134,11 +142,38 @@ def retrieval(embedded: dict[str, np.ndarray], takes: list[str]) -> dict[str, fl
 
 # ----------------------------------------------------------------------------- the worker
 
+def shard(net, mesh) -> None:
+    """FSDP2 over ``mesh``. Every parameter-holding member of an nn.Sequential or nn.ModuleList
+    inside the encoder (a transformer's blocks, a ResNet stage's blocks, tiny_video's layers) is
+    a unit of its own, gathered only around its forward, so one block at a time is whole; the
+    root unit holds the rest (heads, stem, norms). Such members must be called through forward.
+    0-d parameters (the contrastive temperature), which fully_shard refuses, stay whole on every
+    rank: the loop averages their gradients itself."""
+    from torch import nn
+    from torch.distributed.fsdp import fully_shard
+
+    scalars = {p for p in net.parameters() if p.dim() == 0}
+    blocks = {id(child) for m in net.encoder.modules() if isinstance(m, (nn.Sequential, nn.ModuleList))
+              for child in m.children() if next(child.parameters(), None) is not None}
+    for m in reversed(list(net.encoder.modules())):      # innermost first, as fully_shard requires
+        if id(m) in blocks:
+            fully_shard(m, mesh=mesh, ignored_params=scalars)
+    fully_shard(net, mesh=mesh, ignored_params=scalars)
+
+
+def param_groups(net) -> list[dict]:
+    """The optimizer's groups: 0-d parameters apart, so that under FSDP a foreach step never
+    mixes its DTensors with plain tensors; the same in both modes, and so are checkpoints."""
+    groups = [[p for p in net.parameters() if p.dim()], [p for p in net.parameters() if not p.dim()]]
+    return [{"params": g} for g in groups if g]
+
+
 def train_loop(cfg: dict) -> None:
     """The per-worker function (plain torch plus ray.train calls)."""
     import ray.train
     import ray.train.torch
     import torch
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
     config, plan = cfg["config"], cfg["plan"]
     context = ray.train.get_context()
@@ -146,8 +181,15 @@ def train_loop(cfg: dict) -> None:
     torch.set_num_threads(max(1, int(config.cpus_per_worker)))
     device = ray.train.torch.get_device()
     net, _ = build_net(config, cfg["spec"])
-    model = ray.train.torch.prepare_model(net)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    fsdp = config.parallel == "fsdp"
+    if fsdp:
+        from torch.distributed.device_mesh import init_device_mesh
+        net.to(device)                        # first: the mesh then keeps Ray Train's device
+        shard(net, init_device_mesh(device.type, (world,)))
+        model = net                            # fully_shard turned net itself into the FSDP module
+    else:
+        model = ray.train.torch.prepare_model(net)
+    optimizer = torch.optim.AdamW(param_groups(net), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, plan["steps"], plan["warmup"]))
     state = {"step": 0, "rows": 0, "history": [], "resumed_from": [], "before": None, "after": None}
@@ -155,20 +197,27 @@ def train_loop(cfg: dict) -> None:
     if checkpoint:
         with checkpoint.as_directory() as d:
             saved = torch.load(os.path.join(d, "state.pt"), weights_only=False, map_location="cpu")
-        net.load_state_dict(saved.pop("model"))
-        optimizer.load_state_dict(saved.pop("optimizer"))
+        # Full tensors keyed by name, whichever mode wrote them; every rank reads the file and
+        # keeps its own part (set_state_dict's broadcast_from_rank0 hangs when the other ranks
+        # pass empty dicts, torch 2.13).
+        set_state_dict(net, optimizer, model_state_dict=saved.pop("model"), optim_state_dict=saved.pop("optimizer"),
+                       options=StateDictOptions(full_state_dict=True))
         scheduler.load_state_dict(saved.pop("scheduler"))
         state = saved
         state["resumed_from"].append(state["step"])
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if plan["bf16"] and device.type == "cuda"
                 else torch.autocast("cpu", dtype=torch.bfloat16) if plan["bf16"] else contextlib.nullcontext())
 
-    def evaluate() -> dict:
+    # DDP: rank 0 evaluates alone, on net (no collectives). FSDP: every rank runs the same
+    # batches (each block's gathering is collective); rank 0 keeps the result.
+    evaluates = cfg["evaluate"] and (fsdp or rank == 0)
+
+    def evaluate() -> dict | None:
         with autocast:
             rows = embed(net, ray.train.get_dataset_shard("val").iter_torch_batches(batch_size=32), device)
-        return retrieval(rows, cfg["val_takes"])
+        return retrieval(rows, cfg["val_takes"]) if rank == 0 else None
 
-    if rank == 0 and cfg["evaluate"] and state["before"] is None:
+    if evaluates and state["before"] is None:
         state["before"] = evaluate()      # the random-init encoder, for the report
 
     micro, accumulate = plan["micro_batch"], config.accumulate
@@ -184,7 +233,7 @@ def train_loop(cfg: dict) -> None:
         batch_size=micro, prefetch_batches=config.prefetch_batches, drop_last=True))
     for _ in range(skip * accumulate):
         next(batches)
-    ddp = world > 1
+    ddp = world > 1 and not fsdp
     while state["step"] < plan["steps"]:
         started, waited, loss_sum = time.perf_counter(), 0.0, 0.0
         optimizer.zero_grad(set_to_none=True)
@@ -192,16 +241,23 @@ def train_loop(cfg: dict) -> None:
             t = time.perf_counter()
             batch = next(batches)
             waited += time.perf_counter() - t
-            sync = contextlib.nullcontext() if not ddp or part == accumulate - 1 else model.no_sync()
-            with sync:
+            sync = part == accumulate - 1          # gradients cross workers on the last part only
+            if fsdp:
+                model.set_requires_gradient_sync(sync)
+            with contextlib.nullcontext() if sync or not ddp else model.no_sync():
                 with autocast:
                     loss = model(batch["ego"].to(device), batch["exo"].to(device)) / accumulate
                 loss.backward()
             loss_sum += loss.detach()
+        if fsdp and world > 1:
+            for p in net.parameters():
+                if not p.dim() and p.grad is not None:     # outside FSDP (see shard): averaged here
+                    torch.distributed.all_reduce(p.grad)
+                    p.grad /= world
         optimizer.step()
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
-        if ddp:
+        if world > 1:
             torch.distributed.all_reduce(loss_sum)
             loss_sum /= world
         loss_value = float(loss_sum)       # waits for the step's device work, so the timing is whole
@@ -216,11 +272,15 @@ def train_loop(cfg: dict) -> None:
         epoch_end = int(epoch) > int((state["rows"] - step_rows) / plan["rows_per_epoch"])
         if not (last or epoch_end or state["step"] % config.checkpoint_every == 0):
             continue
-        if last and rank == 0 and cfg["evaluate"]:
+        if last and evaluates:
             state["after"] = evaluate()
+        # Collective under FSDP (the shards gathered); rank 0 gets full tensors on CPU, the
+        # other ranks empty dicts. The same names and tensors under DDP.
+        weights, optimizer_state = get_state_dict(net, optimizer,
+                                                  options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         with tempfile.TemporaryDirectory() as d:
             if rank == 0:
-                torch.save(dict(state, model=net.state_dict(), optimizer=optimizer.state_dict(),
+                torch.save(dict(state, model=weights, optimizer=optimizer_state,
                                 scheduler=scheduler.state_dict()), os.path.join(d, "state.pt"))
             ray.train.report({"step": state["step"], "loss": loss_value},
                              checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None)

@@ -39,6 +39,10 @@ class PretrainConfig(P.Params):
     eval_split: str = P.setting("val", "split for the cross-view retrieval evaluation")
     evaluate: bool = P.setting(True, "evaluate retrieval before and after training")
     workers: int = P.setting(1, "Ray Train workers (data order and batches depend on it)")
+    parallel: str = P.setting("ddp", "how workers share the model: ddp (a full copy each) or fsdp (parameters, "
+                                     "gradients and optimizer state sharded across workers, for encoders that do "
+                                     "not fit one device)", choices=("ddp", "fsdp"),
+                              fingerprint=False)
     cpus_per_worker: float = P.setting(1.0, "CPUs per worker, also torch's thread count", fingerprint=False)
     use_gpu: bool | None = P.setting(None, "train on GPUs (default: when the cluster has them)", fingerprint=False)
     gpus_per_worker: float = P.setting(1.0, "GPUs per worker when training on GPUs", fingerprint=False)
@@ -90,7 +94,8 @@ def _summary(record: dict) -> str:
 
 def _resources(config: PretrainConfig) -> str:
     gpu = {True: f", {config.gpus_per_worker:g} GPU each", False: "", None: " (GPUs when the cluster has them)"}
-    return (f"Ray Train: {config.workers} worker(s) x {config.cpus_per_worker:g} CPU{gpu[config.use_gpu]}; "
+    fsdp = ", the model sharded across them (FSDP)" if config.parallel == "fsdp" else ""
+    return (f"Ray Train: {config.workers} worker(s) x {config.cpus_per_worker:g} CPU{gpu[config.use_gpu]}{fsdp}; "
             "Ray Data decodes clips on the other CPUs")
 
 
@@ -140,7 +145,8 @@ def _report(records: list[dict], ctx: stages.Context) -> str:
 
 
 KIND = stages.register(stages.StageKind(
-    name="pretrain", params=PretrainConfig, run=_run, inputs=("shard",), needs_ray=True, check=_check,
+    # Version 2: checkpoints hold the optimizer keyed by parameter name (the same under DDP and FSDP).
+    name="pretrain", params=PretrainConfig, run=_run, inputs=("shard",), needs_ray=True, check=_check, version=2,
     help="pretrain an encoder on clips streamed from the shards (Ray Data into Ray Train)",
     resources=_resources, report=_report,
     command=stages.Command("pretrain", "pretrain an encoder on clips streamed from the shards (Ray Train)",

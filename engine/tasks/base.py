@@ -91,6 +91,7 @@ class Task:
     name: str = ""
     metric: str = ""               # the key of evaluate()'s result that early stopping follows
     maximize: bool = True          # False where the metric is an error (MPJPE): lower is better
+    reads_features: bool = True    # False where the inputs are frames or sensors: features change nothing
     Options: type[TrainConfig] = TrainConfig    # a benchmark with options of its own subclasses it
 
     def __init__(self, options: TrainConfig | None = None):

@@ -228,6 +228,7 @@ def prior_logits(train: Examples, evaluated: Examples, groups: list) -> np.ndarr
 
 class Correspondence(Task):
     metric = "iou"
+    reads_features = False
     Options = CorrespondenceOptions
     direction = ""          # the submission's key: "ego-exo" or "exo-ego"
 

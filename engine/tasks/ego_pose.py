@@ -173,6 +173,10 @@ class EgoBodyPose(PoseTask):
     class Options(PoseOptions):
         ego_features: bool = P.setting(False, "add the ego view's feature window nearest each frame to the inputs")
 
+    @property
+    def reads_features(self) -> bool:
+        return self.options.ego_features
+
     def outputs(self, release) -> int:
         return 3 * len(BODY_JOINTS)
 
@@ -345,6 +349,7 @@ def frame_cnn(x_scale: np.ndarray, size: int, outputs: int, hidden: int, dropout
 class EgoHandPose(PoseTask):
     name = "ego_hand_pose"
     metric = "mpjpe_mm"
+    reads_features = False
 
     @dataclasses.dataclass(frozen=True)
     class Options(PoseOptions):

@@ -152,6 +152,7 @@ def run_policy(policy: str, with_rgb: np.ndarray, audio_only: np.ndarray) -> tup
 class OnlineKeystep(Task):
     name = "online_keystep"
     metric = "mcAP@2.8W"
+    reads_features = False
 
     @dataclasses.dataclass(frozen=True)
     class Options(TrainConfig):

@@ -742,3 +742,26 @@ def test_a_run_killed_after_its_first_checkpoint_resumes_from_it(learn_features,
     assert result["epochs_run"] == 30
     epochs = [json.loads(x)["epoch"] for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert epochs == list(range(30))
+
+
+def test_a_run_killed_while_ray_train_rewrote_its_checkpoint_list_resumes_from_the_newest_whole_checkpoint(
+        learn_features, tmp_path):
+    """A kill can land while Ray Train rewrites checkpoint_manager_snapshot.json in place (an
+    empty file, which Ray Train refuses to start from) and while a worker copies its next
+    checkpoint (a cut-off state.pt): the rerun starts from the newest whole checkpoint."""
+    out = tmp_path / "run"
+    config = TrainConfig(epochs=4, patience=30)
+    run(TASKS["keystep_recognition"](), str(learn_features), str(out), config, progress=False)
+    run_dir = out / "ray" / "run"
+    folders = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
+    assert len(folders) == 2                                    # epochs 3 and 4 (num_to_keep=2)
+    (run_dir / "checkpoint_manager_snapshot.json").write_text("")
+    state = folders[-1] / "state.pt"
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+    (out / "result.json").unlink()
+
+    result = run(TASKS["keystep_recognition"](), str(learn_features), str(out),
+                 dataclasses.replace(config, epochs=6), progress=False)
+    assert result["resumed_from"] == [3] and result["epochs_run"] == 6
+    epochs = [json.loads(x)["epoch"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == list(range(6))

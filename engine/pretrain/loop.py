@@ -33,7 +33,7 @@ from engine import storage
 from engine.features import models
 from engine.pretrain import data
 from engine.pretrain.objectives import objective
-from engine.train.loop import prompt_reports, ray_storage
+from engine.train.loop import prompt_reports, ray_storage, recover_killed_run, restored_state
 
 PROGRESS = "progress.json"
 
@@ -193,10 +193,8 @@ def train_loop(cfg: dict) -> None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, plan["steps"], plan["warmup"]))
     state = {"step": 0, "rows": 0, "history": [], "resumed_from": [], "before": None, "after": None}
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            saved = torch.load(os.path.join(d, "state.pt"), weights_only=False, map_location="cpu")
+    saved = restored_state(cfg["recovered"], cfg["storage_options"])
+    if saved:
         # Full tensors keyed by name, whichever mode wrote them; every rank reads the file and
         # keeps its own part (set_state_dict's broadcast_from_rank0 hangs when the other ranks
         # pass empty dicts, torch 2.13).
@@ -348,6 +346,7 @@ def pretrain(shards_url: str, out: str, config, address: str | None = None, prog
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"config": config, "plan": plan, "spec": spec, "out": out, "storage_options": storage_options,
+                           "recovered": recover_killed_run(out, storage_options),
                            "evaluate": bool(val_index),
                            "val_takes": [ref.take_uid for ref in val_index]},
         scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=use_gpu,

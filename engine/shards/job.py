@@ -30,6 +30,7 @@ import socket
 import tarfile
 import tempfile
 import time
+import uuid
 from typing import Any
 
 import pyarrow as pa
@@ -45,10 +46,13 @@ from engine.shards.sample import TakeSource, build_samples
 _RELEASES: dict[str, Release] = {}
 
 
-def _release(url: str, storage_options: dict | None) -> Release:
-    """One Release per worker process, so annotation files are parsed once, not once per shard."""
-    key = json.dumps([url, storage_options], sort_keys=True)
+def _release(url: str, storage_options: dict | None, job: str) -> Release:
+    """One Release per worker process and job, so annotation files are parsed once, not once per
+    shard. Ray keeps worker processes from job to job: a later job opens the release afresh, as
+    it may have changed under the same URL."""
+    key = json.dumps([job, url, storage_options], sort_keys=True)
     if key not in _RELEASES:
+        _RELEASES.clear()
         _RELEASES[key] = Release.open(url, storage_options)
     return _RELEASES[key]
 
@@ -82,9 +86,9 @@ def _finished(fs, out: str, spec: ShardSpec) -> dict | None:
 
 
 def write_shard(spec: ShardSpec, release_url: str, out_url: str, config: ShardConfig,
-                storage_options: dict | None = None) -> dict:
+                storage_options: dict | None = None, job: str = "") -> dict:
     """Write one shard and its stats; return the stats. Plain Python: Ray only schedules it."""
-    release = _release(release_url, storage_options)
+    release = _release(release_url, storage_options, job)
     fs, out = storage.filesystem(out_url, storage_options)
     tar_path, stats_path = _shard_paths(out, spec)
     started = time.time()
@@ -219,7 +223,8 @@ def _run(config: ShardConfig, inputs: dict, out_url: str, ctx: stages.Context) -
         # tasks across nodes. A worker killed mid-shard is retried and rewrites the shard from
         # scratch, at most 3 times (Ray Data's default retries forever). max_retries is a plain
         # remote arg, which Ray deprecates from 2.64 on (constraints.txt pins 2.60).
-        ds = ds.map(_RayShardWriter(release_url, out_url, config, ctx.storage_options), num_cpus=1, max_retries=3)
+        writer = _RayShardWriter(release_url, out_url, config, ctx.storage_options, uuid.uuid4().hex)
+        ds = ds.map(writer, num_cpus=1, max_retries=3)
         for row in ds.iter_rows():
             ctx.log(f"  {row['shard']}: {row['samples']} samples, {row['failures']} rejected takes")
     return finalize(fs, out, shard_plan)
@@ -228,8 +233,8 @@ def _run(config: ShardConfig, inputs: dict, out_url: str, ctx: stages.Context) -
 class _RayShardWriter:
     """The per-row function of the Ray Data map: decode the spec, write the shard, report briefly."""
 
-    def __init__(self, release_url, out_url, config, storage_options):
-        self.args = (release_url, out_url, config, storage_options)
+    def __init__(self, release_url, out_url, config, storage_options, job):
+        self.args = (release_url, out_url, config, storage_options, job)
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
         d = json.loads(row["spec"])

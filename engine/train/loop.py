@@ -21,8 +21,10 @@ import dataclasses
 import io
 import json
 import os
+import posixpath
 import tempfile
 import time
+import zipfile
 
 import numpy as np
 
@@ -81,10 +83,8 @@ def train_loop(cfg: dict) -> None:
     model = ray.train.torch.prepare_model(head)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     state = {"epoch": 0, "history": [], "best": None, "best_state": None, "bad_epochs": 0, "resumed_from": []}
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            saved = torch.load(os.path.join(d, "state.pt"), weights_only=False)
+    saved = restored_state(cfg["recovered"])
+    if saved:
         head.load_state_dict(saved.pop("model"))
         optimizer.load_state_dict(saved.pop("optimizer"))
         state = saved
@@ -149,11 +149,12 @@ def fit(task: Task, train: Examples, val: Examples, truth: dict, outputs: int, o
     use_gpu = config.use_gpu if config.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     prompt_reports()
     regression = train.y.dtype.kind == "f"
+    recovered = recover_killed_run(out)
     dataset = ray.data.from_items([{"x": x, "y": y if regression else int(y), "i": i}
                                    for i, (x, y) in enumerate(zip(train.x, train.y))])
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"task": task, "config": config, "val": val, "truth": truth,
+        train_loop_config={"task": task, "config": config, "val": val, "truth": truth, "recovered": recovered,
                            "scale": example_scale(train), "outputs": outputs, "regression": regression},
         scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": config.cpus_per_worker}),
@@ -173,6 +174,60 @@ def prompt_reports() -> None:
     0.1 s) or checkpoint (pretraining): poll every 0.1 s. Ray Train hands RAY_TRAIN_* variables
     from the driver to its controller; a value the user set stays."""
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
+
+
+def recover_killed_run(out: str, storage_options: dict | None = None) -> str | None:
+    """Ray Train rewrites its list of checkpoints (``OUT/ray/run/checkpoint_manager_snapshot.json``)
+    in place, and refuses to start from the empty or cut-off file a run killed mid-write leaves.
+    Then drop that file and return the URL of the newest checkpoint folder whose ``state.pt`` is
+    whole, for the workers to start from (see ``restored_state``); None when there is nothing
+    to recover. Ray Train writes a checkpoint's folder before it lists it, and deletes old ones
+    after, so the folders on disk hold the one it was listing."""
+    fs, path = storage.filesystem(out, storage_options)
+    run_dir = storage.join(path, "ray", "run")
+    snapshot = storage.join(run_dir, "checkpoint_manager_snapshot.json")
+    if not fs.exists(snapshot):
+        return None
+    try:
+        json.loads(fs.cat_file(snapshot))
+        return None
+    except ValueError:
+        pass
+    # Folder names are checkpoint_<date and time to the microsecond>: they sort in time order.
+    folders = sorted((p for p in fs.ls(run_dir, detail=False)
+                      if posixpath.basename(p).startswith("checkpoint_") and p != snapshot), reverse=True)
+    newest = next((f for f in folders if _whole_torch_file(fs, storage.join(f, "state.pt"))), None)
+    print(f"{storage.url(fs, snapshot)}: unreadable (the run was killed while Ray Train wrote it); "
+          + (f"starting from {storage.url(fs, newest)}" if newest else "no whole checkpoint: starting afresh"))
+    fs.rm(snapshot)
+    return storage.url(fs, newest) if newest else None
+
+
+def _whole_torch_file(fs, path: str) -> bool:
+    # torch.save writes a zip, whose directory is at its end: a cut-off copy has none.
+    try:
+        with fs.open(path, "rb") as f:
+            zipfile.ZipFile(f).close()
+        return True
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def restored_state(recovered: str | None, storage_options: dict | None = None) -> dict | None:
+    """In a train loop: the state.pt of the checkpoint Ray Train restores, else of the folder
+    ``recover_killed_run`` found, else None."""
+    import ray.train
+    import torch
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            return torch.load(os.path.join(d, "state.pt"), weights_only=False, map_location="cpu")
+    if recovered:
+        fs, path = storage.filesystem(recovered, storage_options)
+        return torch.load(io.BytesIO(fs.cat_file(storage.join(path, "state.pt"))), weights_only=False,
+                          map_location="cpu")
+    return None
 
 
 def ray_storage(out: str, storage_options: dict | None = None) -> dict:

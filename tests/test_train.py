@@ -745,10 +745,11 @@ def test_a_run_killed_after_its_first_checkpoint_resumes_from_it(learn_features,
 
 
 def test_a_run_killed_while_ray_train_rewrote_its_checkpoint_list_resumes_from_the_newest_whole_checkpoint(
-        learn_features, tmp_path):
+        learn_features, tmp_path, capsys):
     """A kill can land while Ray Train rewrites checkpoint_manager_snapshot.json in place (an
     empty file, which Ray Train refuses to start from) and while a worker copies its next
-    checkpoint (a cut-off state.pt): the rerun starts from the newest whole checkpoint."""
+    checkpoint (a cut-off state.pt): the rerun starts from the newest whole checkpoint, says so,
+    and removes the folders no list names any more."""
     out = tmp_path / "run"
     config = TrainConfig(epochs=4, patience=30)
     run(TASKS["keystep_recognition"](), str(learn_features), str(out), config, progress=False)
@@ -760,8 +761,14 @@ def test_a_run_killed_while_ray_train_rewrote_its_checkpoint_list_resumes_from_t
     state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
     (out / "result.json").unlink()
 
+    capsys.readouterr()
     result = run(TASKS["keystep_recognition"](), str(learn_features), str(out),
-                 dataclasses.replace(config, epochs=6), progress=False)
+                 dataclasses.replace(config, epochs=6))
+    assert f"unreadable (the run was killed while Ray Train wrote it); starting from {folders[0]}\n" in \
+        capsys.readouterr().out
     assert result["resumed_from"] == [3] and result["epochs_run"] == 6
+    # The cut-off folder is gone; the one the rerun started from stays beside the two it kept.
+    assert not folders[-1].exists() and folders[0].exists()
+    assert len([p for p in run_dir.glob("checkpoint_*") if p.is_dir()]) == 3
     epochs = [json.loads(x)["epoch"] for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert epochs == list(range(6))

@@ -346,13 +346,13 @@ def pretrain(shards_url: str, out: str, config, address: str | None = None, prog
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"config": config, "plan": plan, "spec": spec, "out": out, "storage_options": storage_options,
-                           "recovered": recover_killed_run(out, storage_options),
+                           "recovered": recover_killed_run(out, storage_options, log),
                            "evaluate": bool(val_index),
                            "val_takes": [ref.take_uid for ref in val_index]},
         scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": config.cpus_per_worker,
                                                            **({"GPU": config.gpus_per_worker} if use_gpu else {})}),
-        run_config=RunConfig(name="run", **ray_storage(out, storage_options),
+        run_config=RunConfig(**ray_storage(out, storage_options),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              failure_config=FailureConfig(max_failures=config.max_failures)),
         datasets=datasets, dataset_config=DataConfig(datasets_to_split=[], execution_options=options))

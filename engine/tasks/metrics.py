@@ -257,13 +257,20 @@ def _boundary(mask: np.ndarray) -> np.ndarray:
     return out
 
 
+def mask_extent(mask: np.ndarray) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(first, last) row and (first, last) column holding a pixel of a non-empty mask."""
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    return (int(rows[0]), int(rows[-1])), (int(cols[0]), int(cols[-1]))
+
+
 def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:
     """Binary dilation by a disk of ``radius`` pixels (offsets with dx^2 + dy^2 <= r^2)."""
     h, w = mask.shape
     out = np.zeros_like(mask)
     for dy in range(-radius, radius + 1):
         for dx in range(-radius, radius + 1):
-            if dx * dx + dy * dy <= radius * radius:
+            # An offset as large as the mask moves every pixel out of it.
+            if dx * dx + dy * dy <= radius * radius and abs(dy) < h and abs(dx) < w:
                 out[max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] |= \
                     mask[max(-dy, 0):h + min(-dy, 0), max(-dx, 0):w + min(-dx, 0)]
     return out
@@ -278,6 +285,10 @@ def boundary_f(truth: np.ndarray, predicted: np.ndarray, threshold: float = BOUN
     if n_fg == 0 or n_gt == 0:
         precision, recall = (1.0, 0.0) if n_gt else (0.0, 1.0) if n_fg else (1.0, 1.0)
     else:
+        # Only pixels of one map near the other's count: dilate within the box holding both
+        # (the same sums as over the whole frame, in a fraction of the time for small objects).
+        rows, cols = mask_extent(fg | gt)
+        fg, gt = fg[rows[0]:rows[1] + 1, cols[0]:cols[1] + 1], gt[rows[0]:rows[1] + 1, cols[0]:cols[1] + 1]
         precision = float(np.sum(fg & _dilate(gt, radius))) / n_fg
         recall = float(np.sum(gt & _dilate(fg, radius))) / n_gt
     return 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
@@ -290,11 +301,11 @@ def location_error(truth: np.ndarray, predicted: np.ndarray, size: tuple[int, in
     taken as (x, y)."""
     def centre(mask: np.ndarray) -> tuple[int, int]:
         pad = mask.shape[0]
-        padded = np.pad(mask.astype(bool), pad)
-        if not padded.any():
-            return padded.shape[0] // 2, padded.shape[1] // 2
-        ys, xs = np.nonzero(padded)
-        return (int(xs.min()) + int(xs.max())) // 2, (int(ys.min()) + int(ys.max())) // 2
+        mask = mask.astype(bool)
+        if not mask.any():
+            return (mask.shape[0] + 2 * pad) // 2, (mask.shape[1] + 2 * pad) // 2
+        (top, bottom), (left, right) = mask_extent(mask)
+        return (2 * pad + left + right) // 2, (2 * pad + top + bottom) // 2
 
     (x1, y1), (x2, y2) = centre(truth), centre(predicted)
     return float(np.hypot(x1 - x2, y1 - y2) / np.hypot(*size))

@@ -44,7 +44,7 @@ from engine.tasks.correspondence import (
     prior_logits,
 )
 from engine.tasks.ego_pose import view_frames
-from engine.tasks.metrics import boundary_f, mask_iou
+from engine.tasks.metrics import boundary_f, mask_extent, mask_iou
 
 EVAL_SIZE = 256
 
@@ -80,9 +80,8 @@ def _box(mask: np.ndarray) -> tuple[tuple[int, int], tuple[int, int]]:
     official script has it, (height // 2, width // 2)."""
     if not mask.any():
         return (0, 0), (mask.shape[0] // 2, mask.shape[1] // 2)
-    ys, xs = np.nonzero(mask)
-    return ((int(xs.max()) - int(xs.min()) + 1, int(ys.max()) - int(ys.min()) + 1),
-            ((int(xs.min()) + int(xs.max())) // 2, (int(ys.min()) + int(ys.max())) // 2))
+    (top, bottom), (left, right) = mask_extent(mask)
+    return (right - left + 1, bottom - top + 1), ((left + right) // 2, (top + bottom) // 2)
 
 
 def registered(truth: np.ndarray, predicted: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:

@@ -31,6 +31,8 @@ import numpy as np
 from engine import storage
 from engine.tasks.base import Examples, Task, TrainConfig, example_scale
 
+RAY_RUN = "run"     # Ray Train's run name: its checkpoints live in OUT/ray/run
+
 
 def predict(model, x: np.ndarray, batch: int = 4096) -> np.ndarray:
     import torch
@@ -133,7 +135,7 @@ def train_loop(cfg: dict) -> None:
 
 
 def fit(task: Task, train: Examples, val: Examples, truth: dict, outputs: int, out: str,
-        config: TrainConfig, address: str | None = None) -> dict:
+        config: TrainConfig, address: str | None = None, log=print) -> dict:
     """Train on Ray Train; return the final state (history, best weights, resume marks)."""
     import ray
     import ray.data
@@ -149,7 +151,7 @@ def fit(task: Task, train: Examples, val: Examples, truth: dict, outputs: int, o
     use_gpu = config.use_gpu if config.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     prompt_reports()
     regression = train.y.dtype.kind == "f"
-    recovered = recover_killed_run(out)
+    recovered = recover_killed_run(out, log=log)
     dataset = ray.data.from_items([{"x": x, "y": y if regression else int(y), "i": i}
                                    for i, (x, y) in enumerate(zip(train.x, train.y))])
     trainer = TorchTrainer(
@@ -158,7 +160,7 @@ def fit(task: Task, train: Examples, val: Examples, truth: dict, outputs: int, o
                            "scale": example_scale(train), "outputs": outputs, "regression": regression},
         scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": config.cpus_per_worker}),
-        run_config=RunConfig(name="run", **ray_storage(out),
+        run_config=RunConfig(**ray_storage(out),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              failure_config=FailureConfig(max_failures=config.max_failures)),
         datasets={"train": dataset})
@@ -176,15 +178,16 @@ def prompt_reports() -> None:
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
 
 
-def recover_killed_run(out: str, storage_options: dict | None = None) -> str | None:
+def recover_killed_run(out: str, storage_options: dict | None = None, log=print) -> str | None:
     """Ray Train rewrites its list of checkpoints (``OUT/ray/run/checkpoint_manager_snapshot.json``)
     in place, and refuses to start from the empty or cut-off file a run killed mid-write leaves.
     Then drop that file and return the URL of the newest checkpoint folder whose ``state.pt`` is
     whole, for the workers to start from (see ``restored_state``); None when there is nothing
     to recover. Ray Train writes a checkpoint's folder before it lists it, and deletes old ones
-    after, so the folders on disk hold the one it was listing."""
+    after, so the folders on disk hold the one it was listing. The other folders are removed:
+    with the list gone, Ray Train would never delete them."""
     fs, path = storage.filesystem(out, storage_options)
-    run_dir = storage.join(path, "ray", "run")
+    run_dir = storage.join(path, "ray", RAY_RUN)
     snapshot = storage.join(run_dir, "checkpoint_manager_snapshot.json")
     if not fs.exists(snapshot):
         return None
@@ -197,9 +200,12 @@ def recover_killed_run(out: str, storage_options: dict | None = None) -> str | N
     folders = sorted((p for p in fs.ls(run_dir, detail=False)
                       if posixpath.basename(p).startswith("checkpoint_") and p != snapshot), reverse=True)
     newest = next((f for f in folders if _whole_torch_file(fs, storage.join(f, "state.pt"))), None)
-    print(f"{storage.url(fs, snapshot)}: unreadable (the run was killed while Ray Train wrote it); "
-          + (f"starting from {storage.url(fs, newest)}" if newest else "no whole checkpoint: starting afresh"))
+    log(f"{storage.url(fs, snapshot)}: unreadable (the run was killed while Ray Train wrote it); "
+        + (f"starting from {storage.url(fs, newest)}" if newest else "no whole checkpoint: starting afresh"))
     fs.rm(snapshot)
+    for folder in folders:
+        if folder != newest:
+            fs.rm(folder, recursive=True)
     return storage.url(fs, newest) if newest else None
 
 
@@ -231,12 +237,12 @@ def restored_state(recovered: str | None, storage_options: dict | None = None) -
 
 
 def ray_storage(out: str, storage_options: dict | None = None) -> dict:
-    """Ray Train's checkpoint location under ``out`` (a path or an fsspec URL such as s3://)."""
+    """RunConfig's name and checkpoint location under ``out`` (a path or an fsspec URL such as s3://)."""
     fs, path = storage.filesystem(out, storage_options)
     if storage.is_local(fs):
-        return {"storage_path": os.path.abspath(storage.join(path, "ray"))}
+        return {"name": RAY_RUN, "storage_path": os.path.abspath(storage.join(path, "ray"))}
     import pyarrow.fs
-    return {"storage_path": storage.join(path, "ray"),
+    return {"name": RAY_RUN, "storage_path": storage.join(path, "ray"),
             "storage_filesystem": pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))}
 
 
@@ -256,7 +262,7 @@ def run(task: Task, features_url: str, out: str, config: TrainConfig, release_ur
     truth = task.truth(release, "val")
     outputs = task.outputs(release)
     log(f"{task.name}: {len(train)} train and {len(val)} val examples, {train.x.shape[1]}-d inputs, {outputs} outputs")
-    state = fit(task, train, val, truth, outputs, out, config, address)
+    state = fit(task, train, val, truth, outputs, out, config, address, log)
 
     head = task.head(example_scale(train.subset(train.labelled())), outputs, config.hidden, config.dropout)
     head.load_state_dict(state["best_state"])

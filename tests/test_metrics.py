@@ -169,6 +169,10 @@ def test_correspondence_mask_metrics_by_hand():
     assert boundary_f(gt, gt) == 1.0 and boundary_f(gt, np.roll(gt, 1, axis=1)) == 1.0
     assert 0 < boundary_f(gt, np.roll(gt, 3, axis=1)) < 1
     assert boundary_f(gt, np.zeros_like(gt)) == 0.0 and boundary_f(np.zeros_like(gt), np.zeros_like(gt)) == 1.0
+    # Objects smaller than the 5-pixel reach on 400 x 400: one 3 pixels off matches, one 12 off does not.
+    dot, near, far = (np.zeros((400, 400), bool) for _ in range(3))
+    dot[100, 100:102], near[100, 103:105], far[100, 112:114] = True, True, True
+    assert boundary_f(dot, near) == 1.0 and boundary_f(dot, far) == 0.0
 
     # Box centres (integer) over the 480 x 480 diagonal: (14, 34) against (44, 34).
     truth, shifted = np.zeros((100, 200), bool), np.zeros((100, 200), bool)

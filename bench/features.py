@@ -11,6 +11,7 @@
 Each is run --repeats times; medians are printed with the pipeline/naive ratio.
 
     python bench/features.py [--release PATH] [--model tiny_video] [--repeats 3] [--out URL]
+                             [--cpus-per-actor 1.0] [--shard-window 16]
 
 Without --release it generates the default preset (10 takes x 4 s, 5 views) in a temp dir. The
 pipeline writes under --out (default: the temp dir); an s3:// URL (AWS_* settings from the
@@ -49,6 +50,10 @@ def main() -> None:
     parser.add_argument("--model", default="tiny_video")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs the CPU model actor reserves")
+    parser.add_argument("--shard-window", type=float, default=ShardConfig.window,
+                        help="the shards' window in seconds: windows after a take's first start past a keyframe, "
+                             "so their clips carry a pre-roll")
     parser.add_argument("--out", help="where the pipeline writes its features (a folder or s3://bucket/prefix)")
     args = parser.parse_args()
 
@@ -60,8 +65,8 @@ def main() -> None:
     ray.init(log_to_driver=False, configure_logging=False)
     shards = work / "shards"
     # 2 MB shards: several decode tasks, as a real release's hundreds of shards give.
-    shard_job.run(str(release_root), str(shards), ShardConfig(shard_mb=2), progress=False)
-    config = job.FeatureConfig(model=args.model, batch_size=args.batch_size)
+    shard_job.run(str(release_root), str(shards), ShardConfig(shard_mb=2, window=args.shard_window), progress=False)
+    config = job.FeatureConfig(model=args.model, batch_size=args.batch_size, cpus_per_actor=args.cpus_per_actor)
     spec = config.spec
     release = Release.open(str(release_root))
     views = [(take, view) for take in release.takes() for view in take.views("448")]

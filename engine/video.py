@@ -13,7 +13,7 @@ import functools
 import inspect
 import io
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from fractions import Fraction
 from typing import IO
 
@@ -104,6 +104,20 @@ def frame_index(frame: av.VideoFrame, stream) -> int:
     return frame_index_of_pts(frame.pts, stream)
 
 
+def _decode_frames(container, stream, wanted: Callable[[int], bool] | None = None) -> Iterator[av.VideoFrame]:
+    """The frames of ``stream`` from the container's position, in order. A frame the caller does
+    not want (``wanted(index)`` false) or the demuxer marks to discard (a clip's pre-roll) is
+    not decoded at all when no other frame refers to it (the decoder's skip_frame NONREF, set
+    per packet): on video with B-frames that spares a large share of the frames a window or a
+    sparse pick does not show."""
+    ctx, index = stream.codec_context, frame_indexer(stream)
+    for packet in container.demux(stream):
+        if packet.pts is not None:
+            unwanted = packet.is_discard or (wanted is not None and not wanted(index(packet.pts)))
+            ctx.skip_frame = "NONREF" if unwanted else "DEFAULT"
+        yield from packet.decode()
+
+
 def _seek_frame(container, stream, frame: int) -> None:
     """Position ``container`` at the keyframe at or before frame ``frame`` of ``stream``
     (exact arithmetic: the target never passes the frame's own timestamp)."""
@@ -172,7 +186,7 @@ def decode(source: str | IO[bytes], size: tuple[int, int] | None = None,
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         last = max(indices) if indices else None
-        for frame in container.decode(stream):
+        for frame in _decode_frames(container, stream, indices.__contains__ if indices is not None else None):
             i = frame_index(frame, stream)
             if indices is not None and i not in indices:
                 if last is not None and i > last:
@@ -456,7 +470,7 @@ def _window_frames(source, start_frame: int, end_frame: int, fps: float | None):
         stream.thread_type = "AUTO"
         wanted_set = set(frames_at_rate(start_frame, end_frame, float(_rate(stream)), fps))
         _seek_frame(container, stream, start_frame)
-        for frame in container.decode(stream):
+        for frame in _decode_frames(container, stream, wanted_set.__contains__):
             i = frame_index(frame, stream)
             if i >= end_frame:
                 break
@@ -518,7 +532,8 @@ def decode_at(data: bytes, wanted: list[int], size: tuple[int, int] | None = Non
     Seeks to a later keyframe whenever one lies between the current position and the next
     wanted frame, so a few frames from a long clip cost a few GOPs, not the whole clip.
     """
-    targets = sorted(set(wanted))
+    wanted = set(wanted)
+    targets = sorted(wanted)
     out: dict[int, np.ndarray] = {}
     with _open(io.BytesIO(data)) as container:
         stream = container.streams.video[0]
@@ -530,7 +545,7 @@ def decode_at(data: bytes, wanted: list[int], size: tuple[int, int] | None = Non
             later_key = max((k for k in keyframes if k <= target), default=0)
             if position is None or later_key > position or target < position:
                 _seek_frame(container, stream, later_key)
-                frames = container.decode(stream)
+                frames = _decode_frames(container, stream, wanted.__contains__)
             for frame in frames:
                 position = frame_index(frame, stream) + 1
                 if position - 1 == target:

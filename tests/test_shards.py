@@ -446,6 +446,31 @@ def test_a_few_frames_decode_a_few_gops_not_the_window(default_release, monkeypa
     assert len(decoded) <= 4 + 11 + 8   # frames 0-3, 90-100, plus decoder look-ahead; not 101
 
 
+def test_frames_left_undecoded_change_none_of_the_frames_decoded(default_release):
+    """Frames no caller wants, and a clip's pre-roll, are not decoded where no frame refers to
+    them (B-frames): every frame that is decoded is the same image a full decode gives."""
+    import av
+
+    take = Release.open(str(default_release)).takes()[0]
+    path = str(default_release / take.views("448")[1].path)
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        everything = {video.frame_index(f, stream): (f.to_ndarray(format="rgb24"), f.pict_type)
+                      for f in container.decode(stream)}
+    assert sum(kind == av.video.frame.PictureType.B for _, kind in everything.values()) > len(everything) / 3
+
+    def same(decoded: dict, expected: list[int], shift: int = 0):
+        assert sorted(decoded) == expected
+        assert all(np.array_equal(image, everything[k + shift][0]) for k, image in decoded.items())
+
+    picks = sorted(set(range(0, len(everything), 3)) | {len(everything) - 1})
+    same(dict(video.decode(path, indices=set(picks))), picks)
+    with open(path, "rb") as f:
+        same(video.decode_at(f.read(), picks[::4]), picks[::4])
+    clip = next(video.cut_windows(path, [(61, 95)]))[0]     # 61 frames of pre-roll
+    same(dict(video.decode(io.BytesIO(clip.data))), list(range(34)), shift=61)
+
+
 def test_a_truncated_annotation_file_costs_only_its_annotations(damaged, tmp_path, local_ray):
     splits = Release.open(str(damaged)).splits().split_to_take_uids
     split = next(s for s in ("train", "val", "test") if splits.get(s) and

@@ -772,3 +772,28 @@ def test_a_run_killed_while_ray_train_rewrote_its_checkpoint_list_resumes_from_t
     assert len([p for p in run_dir.glob("checkpoint_*") if p.is_dir()]) == 3
     epochs = [json.loads(x)["epoch"] for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert epochs == list(range(6))
+
+
+def test_a_checkpoint_list_cut_again_after_the_check_costs_one_retry(learn_features, tmp_path, monkeypatch):
+    """A process of a killed run can outlive the kill for a moment and cut Ray Train's checkpoint
+    list after the rerun checked it: Ray Train refuses to start, the rerun checks again and resumes."""
+    from engine.train import loop
+
+    out = tmp_path / "run"
+    config = TrainConfig(epochs=2, patience=30)
+    run(TASKS["keystep_recognition"](), str(learn_features), str(out), config, progress=False)
+    snapshot = out / "ray" / loop.RAY_RUN / "checkpoint_manager_snapshot.json"
+    checks, check = [], loop.recover_killed_run
+
+    def late_write(*args, **kwargs):
+        found = check(*args, **kwargs)
+        if not checks:
+            snapshot.write_text("")       # what the killed run's straggler leaves
+        checks.append(found)
+        return found
+
+    monkeypatch.setattr(loop, "recover_killed_run", late_write)
+    result = run(TASKS["keystep_recognition"](), str(learn_features), str(out),
+                 dataclasses.replace(config, epochs=4), progress=False)
+    assert checks[0] is None and checks[1] is not None and len(checks) == 2
+    assert result["resumed_from"] == [2] and result["epochs_run"] == 4

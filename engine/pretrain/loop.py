@@ -33,7 +33,7 @@ from engine import storage
 from engine.features import models
 from engine.pretrain import data
 from engine.pretrain.objectives import objective
-from engine.train.loop import prompt_reports, ray_storage, recover_killed_run, restored_state
+from engine.train.loop import fit_recovering, prompt_reports, ray_storage, restored_state
 
 PROGRESS = "progress.json"
 
@@ -343,10 +343,10 @@ def pretrain(shards_url: str, out: str, config, address: str | None = None, prog
     log(f"pretrain: {len(train_index)} train and {len(val_index)} val samples, {plan['steps']} steps of "
         f"{config.batch_size} clips on {config.workers} worker(s), from step {plan['start_step']}")
     prompt_reports()
-    trainer = TorchTrainer(
+    result = fit_recovering(lambda recovered: TorchTrainer(
         train_loop,
         train_loop_config={"config": config, "plan": plan, "spec": spec, "out": out, "storage_options": storage_options,
-                           "recovered": recover_killed_run(out, storage_options, log),
+                           "recovered": recovered,
                            "evaluate": bool(val_index),
                            "val_takes": [ref.take_uid for ref in val_index]},
         scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=use_gpu,
@@ -355,8 +355,8 @@ def pretrain(shards_url: str, out: str, config, address: str | None = None, prog
         run_config=RunConfig(**ray_storage(out, storage_options),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              failure_config=FailureConfig(max_failures=config.max_failures)),
-        datasets=datasets, dataset_config=DataConfig(datasets_to_split=[], execution_options=options))
-    result = trainer.fit()
+        datasets=datasets, dataset_config=DataConfig(datasets_to_split=[], execution_options=options)),
+        out, storage_options, log)
     with result.checkpoint.as_directory() as d:
         state = torch.load(os.path.join(d, "state.pt"), weights_only=False, map_location="cpu")
     return _write_outputs(fs, out_path, out, config, spec, plan, state, len(train_index), len(val_index), log)

@@ -151,10 +151,9 @@ def fit(task: Task, train: Examples, val: Examples, truth: dict, outputs: int, o
     use_gpu = config.use_gpu if config.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     prompt_reports()
     regression = train.y.dtype.kind == "f"
-    recovered = recover_killed_run(out, log=log)
     dataset = ray.data.from_items([{"x": x, "y": y if regression else int(y), "i": i}
                                    for i, (x, y) in enumerate(zip(train.x, train.y))])
-    trainer = TorchTrainer(
+    result = fit_recovering(lambda recovered: TorchTrainer(
         train_loop,
         train_loop_config={"task": task, "config": config, "val": val, "truth": truth, "recovered": recovered,
                            "scale": example_scale(train), "outputs": outputs, "regression": regression},
@@ -163,8 +162,7 @@ def fit(task: Task, train: Examples, val: Examples, truth: dict, outputs: int, o
         run_config=RunConfig(**ray_storage(out),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              failure_config=FailureConfig(max_failures=config.max_failures)),
-        datasets={"train": dataset})
-    result = trainer.fit()
+        datasets={"train": dataset}), out, None, log)
     with result.checkpoint.as_directory() as d:
         return torch.load(os.path.join(d, "state.pt"), weights_only=False)
 
@@ -176,6 +174,20 @@ def prompt_reports() -> None:
     0.1 s) or checkpoint (pretraining): poll every 0.1 s. Ray Train hands RAY_TRAIN_* variables
     from the driver to its controller; a value the user set stays."""
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
+
+
+def fit_recovering(make_trainer, out: str, storage_options: dict | None, log):
+    """``make_trainer(recovered).fit()``, ``recovered`` as ``recover_killed_run`` finds it. A
+    process of a killed run can outlive the kill for a moment and cut the checkpoint list again
+    after that check; Ray Train's controller then refuses to start: check again and retry once."""
+    import ray.exceptions
+
+    for attempt in (1, 2):
+        try:
+            return make_trainer(recover_killed_run(out, storage_options, log)).fit()
+        except ray.exceptions.ActorDiedError as e:
+            if attempt == 2 or "CheckpointManagerInitializationError" not in str(e):
+                raise
 
 
 def recover_killed_run(out: str, storage_options: dict | None = None, log=print) -> str | None:

@@ -774,6 +774,36 @@ def test_a_run_killed_while_ray_train_rewrote_its_checkpoint_list_resumes_from_t
     assert epochs == list(range(6))
 
 
+def test_a_controller_death_is_retried_only_when_the_checkpoint_list_is_found_cut(tmp_path):
+    """The retry is decided by the checkpoint list on disk, not by the text of Ray's error."""
+    import ray.exceptions
+
+    from engine.train import loop
+
+    snapshot = tmp_path / "ray" / loop.RAY_RUN / "checkpoint_manager_snapshot.json"
+    snapshot.parent.mkdir(parents=True)
+    calls = []
+
+    class Trainer:
+        def __init__(self, recovered):
+            calls.append(recovered)
+
+        def fit(self):
+            if len(calls) == 1:
+                snapshot.write_text(cut)
+                raise ray.exceptions.ActorDiedError()
+            return "fitted"
+
+    for cut, expected in (("", ["fitted", [None, None]]), ('{"checkpoints": []}', [None, [None]])):
+        calls.clear()
+        snapshot.write_text("{}")
+        try:
+            fitted = loop.fit_recovering(Trainer, str(tmp_path), None, log=lambda line: None)
+        except ray.exceptions.ActorDiedError:
+            fitted = None
+        assert [fitted, calls] == expected, cut
+
+
 def test_a_checkpoint_list_cut_again_after_the_check_costs_one_retry(learn_features, tmp_path, monkeypatch):
     """A process of a killed run can outlive the kill for a moment and cut Ray Train's checkpoint
     list after the rerun checked it: Ray Train refuses to start, the rerun checks again and resumes."""

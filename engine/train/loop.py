@@ -179,14 +179,15 @@ def prompt_reports() -> None:
 def fit_recovering(make_trainer, out: str, storage_options: dict | None, log):
     """``make_trainer(recovered).fit()``, ``recovered`` as ``recover_killed_run`` finds it. A
     process of a killed run can outlive the kill for a moment and cut the checkpoint list again
-    after that check; Ray Train's controller then refuses to start: check again and retry once."""
+    after that check; Ray Train's controller then dies refusing the list. Then, and only when the
+    list is found cut (the file decides, not the error's text), check again and retry once."""
     import ray.exceptions
 
     for attempt in (1, 2):
         try:
             return make_trainer(recover_killed_run(out, storage_options, log)).fit()
-        except ray.exceptions.ActorDiedError as e:
-            if attempt == 2 or "CheckpointManagerInitializationError" not in str(e):
+        except ray.exceptions.ActorDiedError:
+            if attempt == 2 or not _checkpoint_list_cut(*_checkpoint_list(out, storage_options)):
                 raise
 
 
@@ -198,16 +199,10 @@ def recover_killed_run(out: str, storage_options: dict | None = None, log=print)
     to recover. Ray Train writes a checkpoint's folder before it lists it, and deletes old ones
     after, so the folders on disk hold the one it was listing. The other folders are removed:
     with the list gone, Ray Train would never delete them."""
-    fs, path = storage.filesystem(out, storage_options)
-    run_dir = storage.join(path, "ray", RAY_RUN)
-    snapshot = storage.join(run_dir, "checkpoint_manager_snapshot.json")
-    if not fs.exists(snapshot):
+    fs, snapshot = _checkpoint_list(out, storage_options)
+    if not _checkpoint_list_cut(fs, snapshot):
         return None
-    try:
-        json.loads(fs.cat_file(snapshot))
-        return None
-    except ValueError:
-        pass
+    run_dir = posixpath.dirname(snapshot)
     # Folder names are checkpoint_<date and time to the microsecond>: they sort in time order.
     folders = sorted((p for p in fs.ls(run_dir, detail=False)
                       if posixpath.basename(p).startswith("checkpoint_") and p != snapshot), reverse=True)
@@ -219,6 +214,22 @@ def recover_killed_run(out: str, storage_options: dict | None = None, log=print)
         if folder != newest:
             fs.rm(folder, recursive=True)
     return storage.url(fs, newest) if newest else None
+
+
+def _checkpoint_list(out: str, storage_options: dict | None):
+    """(fs, path) of Ray Train's checkpoint list under the run folder ``out``."""
+    fs, path = storage.filesystem(out, storage_options)
+    return fs, storage.join(path, "ray", RAY_RUN, "checkpoint_manager_snapshot.json")
+
+
+def _checkpoint_list_cut(fs, snapshot: str) -> bool:
+    if not fs.exists(snapshot):
+        return False
+    try:
+        json.loads(fs.cat_file(snapshot))
+        return False
+    except ValueError:
+        return True
 
 
 def _whole_torch_file(fs, path: str) -> bool:

@@ -187,7 +187,7 @@ def fit_recovering(make_trainer, out: str, storage_options: dict | None, log):
         try:
             return make_trainer(recover_killed_run(out, storage_options, log)).fit()
         except ray.exceptions.ActorDiedError:
-            if attempt == 2 or not _checkpoint_list_cut(*_checkpoint_list(out, storage_options)):
+            if attempt == 2 or _cut_checkpoint_list(out, storage_options) is None:
                 raise
 
 
@@ -199,9 +199,10 @@ def recover_killed_run(out: str, storage_options: dict | None = None, log=print)
     to recover. Ray Train writes a checkpoint's folder before it lists it, and deletes old ones
     after, so the folders on disk hold the one it was listing. The other folders are removed:
     with the list gone, Ray Train would never delete them."""
-    fs, snapshot = _checkpoint_list(out, storage_options)
-    if not _checkpoint_list_cut(fs, snapshot):
+    found = _cut_checkpoint_list(out, storage_options)
+    if found is None:
         return None
+    fs, snapshot = found
     run_dir = posixpath.dirname(snapshot)
     # Folder names are checkpoint_<date and time to the microsecond>: they sort in time order.
     folders = sorted((p for p in fs.ls(run_dir, detail=False)
@@ -216,20 +217,18 @@ def recover_killed_run(out: str, storage_options: dict | None = None, log=print)
     return storage.url(fs, newest) if newest else None
 
 
-def _checkpoint_list(out: str, storage_options: dict | None):
-    """(fs, path) of Ray Train's checkpoint list under the run folder ``out``."""
+def _cut_checkpoint_list(out: str, storage_options: dict | None):
+    """(fs, path) of Ray Train's checkpoint list under the run folder ``out`` when it is there
+    but unreadable; None when it is whole or absent."""
     fs, path = storage.filesystem(out, storage_options)
-    return fs, storage.join(path, "ray", RAY_RUN, "checkpoint_manager_snapshot.json")
-
-
-def _checkpoint_list_cut(fs, snapshot: str) -> bool:
+    snapshot = storage.join(path, "ray", RAY_RUN, "checkpoint_manager_snapshot.json")
     if not fs.exists(snapshot):
-        return False
+        return None
     try:
         json.loads(fs.cat_file(snapshot))
-        return False
+        return None
     except ValueError:
-        return True
+        return fs, snapshot
 
 
 def _whole_torch_file(fs, path: str) -> bool:

@@ -38,11 +38,11 @@ from engine.features.models import ModelSpec
 from engine.features.windows import (
     Assembler,
     FeatureInputError,
+    ViewReader,
     assemble,
     feature_windows,
     read_shard,
     release_frames,
-    sample_frames,
 )
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
@@ -148,25 +148,22 @@ def shard_windows(item: dict, model: dict, window: int, stride: int, fps: float 
                         if (views == "all" or info.is_ego) and name not in skip:
                             parsed = store.parse_name(name)
                             views_of_take[member] = _ViewState(name, parsed.cam_id, parsed.stream_id,
-                                                               Assembler(wins, spec.size))
+                                                               Assembler(wins, spec.size),
+                                                               ViewReader(member, needed, spec.size))
                 for member, state in views_of_take.items():
                     if state.failed:
                         continue
                     try:
-                        for index, image in sample_frames(sample, member, needed, state.last, spec.size):
-                            state.last = index
-                            for win, clip in state.assembler.push(index, image):
-                                yield dict(base, name=state.name, take_uid=take_uid, cam_id=state.cam_id,
-                                           stream_id=state.stream_id, window=win.index, num_windows=len(wins),
-                                           t0=win.t0, t1=win.t1, frames=clip, error="")
+                        yield from state.rows(take_uid, state.reader.frames(sample), base, len(wins))
                     except ContentError as e:   # one bad take view must not cost the others
                         state.failed = True
                         yield error_row(state, take_uid, member, e)
             for member, state in (views_of_take or {}).items():
                 if not state.failed:
                     try:
+                        yield from state.rows(take_uid, state.reader.finish(), base, len(wins))
                         state.assembler.finish()
-                    except FeatureInputError as e:
+                    except ContentError as e:
                         yield error_row(state, take_uid, member, e)
     except (ContentError, tarfile.TarError) as e:   # a shard that is not a readable tar: name it, keep going
         yield dict(base, name=f"shard:{item['shard']}", take_uid="", cam_id="", stream_id="", window=-1,
@@ -180,8 +177,15 @@ class _ViewState:
     cam_id: str
     stream_id: str
     assembler: Assembler
-    last: int = -1          # the last frame taken; overlapping samples do not give it twice
+    reader: ViewReader
     failed: bool = False
+
+    def rows(self, take_uid: str, frames: list[tuple[int, np.ndarray]], base: dict, num_windows: int) -> Iterator[dict]:
+        """A row per window that ``frames`` complete."""
+        for index, image in frames:
+            for win, clip in self.assembler.push(index, image):
+                yield dict(base, name=self.name, take_uid=take_uid, cam_id=self.cam_id, stream_id=self.stream_id,
+                           window=win.index, num_windows=num_windows, t0=win.t0, t1=win.t1, frames=clip, error="")
 
 
 # ----------------------------------------------------------------------------- model stage

@@ -131,19 +131,54 @@ def release_frames(release, view: rec.View, info: video.VideoInfo, needed: set[i
         yield from video.decode(f, scaled, needed)
 
 
-def sample_frames(sample: dict, name: str, needed: list[int], after: int, size: int) -> list[tuple[int, np.ndarray]]:
+class ViewReader:
+    """The ``needed`` frames (sorted) of one take view from the take's shard samples, fed in
+    window order. Remux clips go through one ``video.ClipChain``: the packets that a window's
+    clip shares with the one before (its pre-roll) are decoded once. Other members (transcoded
+    clips, JPEG frames) are decoded sample by sample."""
+
+    def __init__(self, member: str, needed: list[int], size: int):
+        self.member, self.needed, self.size = member, needed, size
+        self.chain: video.ClipChain | None = None
+        self.last = -1          # the last frame given; an overlapping sample does not give it twice
+
+    def frames(self, sample: dict) -> list[tuple[int, np.ndarray]]:
+        meta = sample[schema.JSON_MEMBER]
+        info = meta.views[self.member]
+        try:
+            if meta.mode != "remux":
+                return self._after(_sample_frames(sample, self.member, self.needed, self.last, self.size))
+            if self.chain is None:
+                self.chain = video.ClipChain(set(self.needed).__contains__, input_size(info.width, info.height, self.size))
+            return self._after(self.chain.feed(sample[info.member], info.source_frames[0]))
+        except (ContentError, KeyError, ValueError) as e:   # a member missing, undecodable or short
+            raise FeatureInputError(f"sample {meta.key}: {type(e).__name__}: {e}") from None
+
+    def finish(self) -> list[tuple[int, np.ndarray]]:
+        """The frames the decoder still held after the take's last sample."""
+        if self.chain is None:
+            return []
+        try:
+            return self._after(self.chain.flush())
+        except ContentError as e:
+            raise FeatureInputError(f"the end of the take: {type(e).__name__}: {e}") from None
+
+    def _after(self, frames: Iterable[tuple[int, np.ndarray]]) -> list[tuple[int, np.ndarray]]:
+        out = [(index, image) for index, image in frames if index > self.last]
+        if out:
+            self.last = out[-1][0]
+        return out
+
+
+def _sample_frames(sample: dict, name: str, needed: list[int], after: int, size: int) -> list[tuple[int, np.ndarray]]:
     """Frames of view ``name`` that one shard sample holds: the ``needed`` ones (sorted) in its
     window and past ``after`` (frames an earlier, overlapping sample already gave)."""
-    meta = schema.read_meta(sample[schema.JSON_MEMBER])
-    window, info = meta.window, meta.views[name]
+    window, info = sample[schema.JSON_MEMBER].window, sample[schema.JSON_MEMBER].views[name]
     lo = bisect.bisect_left(needed, max(after + 1, window.start_frame))
     wanted = needed[lo:bisect.bisect_left(needed, window.end_frame)]
     if not wanted:
         return []
-    try:
-        images, _ = view_frames(sample, name, wanted, input_size(info.width, info.height, size))
-    except (ContentError, KeyError, ValueError) as e:   # a member missing, undecodable or short
-        raise FeatureInputError(f"sample {meta.key}: {type(e).__name__}: {e}") from None
+    images, _ = view_frames(sample, name, wanted, input_size(info.width, info.height, size))
     return list(zip(wanted, images))
 
 

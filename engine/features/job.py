@@ -81,7 +81,9 @@ class FeatureConfig(P.Params):
     gpus_per_actor: float = P.setting(1.0, "fractions pack several actors per GPU", fingerprint=False)
     actors: int | None = P.setting(None, "model actors, at most (default: one per GPU share, or 1 without GPUs)",
                                    fingerprint=False)
-    cpus_per_actor: float = P.setting(1.0, "without GPUs: CPUs (torch threads) per actor", fingerprint=False)
+    cpus_per_actor: float = P.setting(0.0, "without GPUs: CPUs each model actor reserves, and its torch threads "
+                                           "(at least 1); 0 shares the decode tasks' cores, which a model that "
+                                           "waits for frames does not need to hold", fingerprint=False)
     writers: int = P.setting(1, "writer processes (on the driver's node) that gather take views and write their "
                                 f"files, {WRITE_THREADS} at once each", fingerprint=False)
 
@@ -91,6 +93,8 @@ class FeatureConfig(P.Params):
             raise ValueError("window, stride, batch size and writers must be positive")
         if not 0 < self.gpus_per_actor <= 8:
             raise ValueError(f"gpus per actor must be in (0, 8], got {self.gpus_per_actor}")
+        if self.cpus_per_actor < 0:
+            raise ValueError(f"cpus per actor must not be negative, got {self.cpus_per_actor}")
 
     @functools.cached_property
     def spec(self) -> ModelSpec:
@@ -335,6 +339,8 @@ def _run(config: FeatureConfig, inputs: dict, out_url: str, ctx: stages.Context)
             resources = {"num_gpus": config.gpus_per_actor, "num_cpus": 1}
             threads = None
         else:
+            # A reserved CPU is one no decode task gets, even while the actor waits for frames:
+            # on 2 cores, one decode task instead of two (bench/features.py).
             actors = config.actors or 1
             resources = {"num_cpus": config.cpus_per_actor}
             threads = max(1, int(config.cpus_per_actor))

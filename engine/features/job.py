@@ -412,7 +412,8 @@ def _summary(record: dict) -> str:
 
 def _resources(config: FeatureConfig) -> str:
     return (f"Ray Data: decode tasks, 1 CPU each; model actors: {config.actors or 'one per GPU share'}, "
-            f"{config.gpus_per_actor:g} GPU each (without GPUs: {config.actors or 1} x {config.cpus_per_actor:g} CPU)")
+            f"{config.gpus_per_actor:g} GPU each (without GPUs: {config.actors or 1}, "
+            f"{config.cpus_per_actor:g} CPU reserved each)")
 
 
 KIND = stages.register(stages.StageKind(

@@ -11,7 +11,7 @@
 Each is run --repeats times; medians are printed with the pipeline/naive ratio.
 
     python bench/features.py [--release PATH] [--model tiny_video] [--repeats 3] [--out URL]
-                             [--cpus-per-actor 0] [--shard-window 16]
+                             [--cpus-per-actor N] [--shard-window 16]
 
 Without --release it generates the default preset (10 takes x 4 s, 5 views) in a temp dir. The
 pipeline writes under --out (default: the temp dir); an s3:// URL (AWS_* settings from the
@@ -51,7 +51,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cpus-per-actor", type=float, default=job.FeatureConfig.cpus_per_actor,
-                        help="CPUs the CPU model actor reserves")
+                        help="CPUs the CPU model actor reserves (default: the stage's)")
     parser.add_argument("--shard-window", type=float, default=ShardConfig.window,
                         help="the shards' window in seconds: windows after a take's first start past a keyframe, "
                              "so their clips carry a pre-roll")

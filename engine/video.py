@@ -556,6 +556,9 @@ def decode_at(data: bytes, wanted: list[int], size: tuple[int, int] | None = Non
     return out
 
 
+DECODER_THREADS = 2
+
+
 class ClipChain:
     """Decodes the remux clips of one view (``cut_windows``), given in window order, as one
     stream. A clip repeats the packets from the keyframe before its window, which the clip
@@ -563,26 +566,30 @@ class ClipChain:
     clips share no packet, the decoder is drained and a fresh one starts at the clip's keyframe.
 
     ``feed`` yields (source frame, rgb uint8 [H, W, 3]) of the wanted frames, in order, each
-    once; the last frames of a clip may come out only with the next clip's packets (decoder
-    delay), and the rest at ``flush``."""
+    once, none from before the window of the clip a decoder started at (that clip's pre-roll:
+    in an open GOP its leading frames lack their references); the last frames of a clip may
+    come out only with the next clip's packets (decoder delay), and the rest at ``flush``."""
 
     def __init__(self, wanted: Callable[[int], bool] | None = None, size: tuple[int, int] | None = None):
         self.wanted = wanted            # frames nothing refers to and not wanted are not decoded
         self.size = size                # (W, H) to resize to
         self.codec = None
-        self.timing: tuple[Fraction, Fraction] | None = None    # (time base, frame rate) of the clips
+        self.stream_key: tuple | None = None    # codec, extradata, time base, frame rate of the clips
         self.origin = 0                 # source frame of tick 0 for the decoder's timestamps
         self.last_dts: int | None = None   # of the last packet fed, in those ticks
+        self.floor = 0                  # the first frame the current decoder may give
+        self.emitted = -1               # the last frame given
         self.fed = 0                    # packets given to a decoder, all clips together
 
     def _index(self, pts: int) -> int:
-        time_base, fps = self.timing
+        *_, time_base, fps = self.stream_key
         return self.origin + round(pts * time_base * fps)
 
     def _images(self, frames) -> Iterator[tuple[int, np.ndarray]]:
         for frame in frames:
             index = self._index(frame.pts)
-            if self.wanted is None or self.wanted(index):
+            if index >= self.floor and index > self.emitted and (self.wanted is None or self.wanted(index)):
+                self.emitted = index
                 yield index, _rgb(frame, self.size)
 
     @_video_errors
@@ -591,22 +598,26 @@ class ClipChain:
         ``start_frame`` adds to the stream."""
         with _open(io.BytesIO(data)) as container:
             stream = container.streams.video[0]
-            timing = (stream.time_base, _rate(stream))
+            ctx = stream.codec_context
+            key = (ctx.name, ctx.extradata, stream.time_base, _rate(stream))
             # The clip's time 0 is the window's first frame: a clip's ticks plus this shift are
             # the take's. Off the tick grid (no whole number of ticks per frame) a clip is
             # decoded on its own, on its own ticks.
-            shift = Fraction(start_frame) / timing[1] / timing[0]
+            shift = Fraction(start_frame) / key[3] / key[2]
             on_grid = shift.denominator == 1
-            packets = [p for p in container.demux(stream) if p.size and p.dts is not None]
+            packets = [p for p in container.demux(stream) if p.size and p.dts is not None and p.pts is not None]
             if not packets:
                 raise VideoError("clip holds no video packet")
-            if not (on_grid and self.codec is not None and self.origin == 0 and timing == self.timing
+            if not (on_grid and self.codec is not None and self.origin == 0 and key == self.stream_key
                     and packets[0].dts + int(shift) <= self.last_dts):
                 yield from self.flush()
-                self.codec = av.CodecContext.create(stream.codec_context.name, "r")
-                self.codec.extradata = stream.codec_context.extradata
-                self.codec.thread_type = "AUTO"
-                self.timing, self.origin, self.last_dts = timing, 0 if on_grid else start_frame, None
+                self.codec = av.CodecContext.create(ctx.name, "r")
+                self.codec.extradata = ctx.extradata
+                # Frame threads, but few: a take keeps a decoder open per view, and a decode
+                # task holds one CPU.
+                self.codec.thread_type, self.codec.thread_count = "AUTO", DECODER_THREADS
+                self.stream_key, self.origin, self.last_dts = key, 0 if on_grid else start_frame, None
+                self.floor = start_frame
             offset = int(shift) if on_grid else 0
             for p in packets:
                 pts, dts = p.pts + offset, p.dts + offset
@@ -616,7 +627,7 @@ class ClipChain:
                 # A packet of our own, without the demuxer's discard flag: a frame past this
                 # window's end is the next window's first, and its packet is not fed again.
                 packet = av.Packet(bytes(p))
-                packet.pts, packet.dts, packet.time_base, packet.is_keyframe = pts, dts, timing[0], p.is_keyframe
+                packet.pts, packet.dts, packet.time_base, packet.is_keyframe = pts, dts, key[2], p.is_keyframe
                 skip = self.wanted is not None and not self.wanted(self._index(pts))
                 self.codec.skip_frame = "NONREF" if skip else "DEFAULT"
                 yield from self._images(self.codec.decode(packet))

@@ -471,36 +471,43 @@ def test_frames_left_undecoded_change_none_of_the_frames_decoded(default_release
     same(dict(video.decode(io.BytesIO(clip.data))), list(range(34)), shift=61)
 
 
-def test_a_views_clips_decoded_as_one_stream_give_its_frames_feeding_each_packet_once(default_release):
+def test_a_views_clips_decoded_as_one_stream_give_its_frames_feeding_each_packet_once(default_release, tmp_path):
     """The feature job decodes a take view's remux clips through one ClipChain: the pre-roll a
     clip shares with the clip before is not decoded again, and every frame is the one a plain
-    decode of the source gives. Back to back windows, windows with gaps (a fresh decoder starts at
-    the next clip's keyframe) and overlapping ones."""
+    decode of the source gives. Back to back windows, windows with gaps (past a keyframe, a fresh
+    decoder starts at the next clip's keyframe and its pre-roll stays hidden) and overlapping ones;
+    a source with one keyframe and one with a keyframe every 30 frames."""
     import av
 
     take = Release.open(str(default_release)).takes()[0]
-    path = str(default_release / take.views("448")[1].path)
-    with av.open(path) as container:
-        stream = container.streams.video[0]
-        everything = {video.frame_index(f, stream): f.to_ndarray(format="rgb24") for f in container.decode(stream)}
-    n = len(everything)
-    for windows, wanted in (([(s, min(s + 30, n)) for s in range(0, n, 30)], set(range(n))),
-                            ([(0, 20), (50, 70), (100, n)], set(range(0, n, 3))),
-                            ([(0, 60), (40, 90), (85, n)], {5, 41, 59, 60, 89, n - 1})):
-        clips = [clip for clip, _ in video.cut_windows(path, windows)]
-        chain = video.ClipChain(wanted.__contains__)
-        frames = [f for (start, _), clip in zip(windows, clips) for f in chain.feed(clip.data, start)]
-        frames += chain.flush()
-        keys = [k for k, _ in frames]
-        assert keys == sorted(set(keys)) and set(keys) <= wanted        # in order, each once, only wanted ones
-        assert {f for start, end in windows for f in range(start, end)} & wanted <= set(keys)
-        assert all(np.array_equal(image, everything[k]) and read_stamp(image) == k for k, image in frames)
-        if windows[0] == (0, 30):            # back to back: the source's packets, once each
-            held = 0
-            for clip in clips:
-                with av.open(io.BytesIO(clip.data)) as container:
-                    held += sum(1 for p in container.demux(video=0) if p.size)
-            assert chain.fed == n < held
+    one_gop = default_release / take.views("448")[1].path
+    short_gops = tmp_path / "gop30.mp4"
+    short_gops.write_bytes(video.transcode(str(one_gop), 0, 120, gop=30).data)
+    for path in (str(one_gop), str(short_gops)):
+        with av.open(path) as container:
+            stream = container.streams.video[0]
+            everything = {video.frame_index(f, stream): f.to_ndarray(format="rgb24") for f in container.decode(stream)}
+        n = len(everything)
+        for windows, wanted in (([(s, min(s + 30, n)) for s in range(0, n, 30)], set(range(n))),
+                                ([(0, 20), (50, 70), (100, n)], set(range(n))),
+                                ([(0, 60), (40, 90), (85, n)], {5, 41, 59, 60, 89, n - 1})):
+            clips = [clip for clip, _ in video.cut_windows(path, windows)]
+            chain = video.ClipChain(wanted.__contains__)
+            frames = [f for (start, _), clip in zip(windows, clips) for f in chain.feed(clip.data, start)]
+            frames += chain.flush()
+            keys = [k for k, _ in frames]
+            assert keys == sorted(set(keys)) and set(keys) <= wanted        # in order, each once, only wanted ones
+            assert {f for start, end in windows for f in range(start, end)} & wanted <= set(keys)
+            assert all(np.array_equal(image, everything[k]) and read_stamp(image) == k for k, image in frames)
+            if path == str(short_gops) and windows[1] == (50, 70):   # restarted at keyframe 30: 30-49 stay hidden
+                assert not set(keys) & set(range(30, 50))
+            if windows[0] == (0, 30):            # back to back: the source's packets, once each
+                held = 0
+                for clip in clips:
+                    with av.open(io.BytesIO(clip.data)) as container:
+                        held += sum(1 for p in container.demux(video=0) if p.size)
+                assert chain.fed == n <= held
+                assert path == str(short_gops) or n < held      # one GOP: every window after the first has a pre-roll
 
 
 def test_a_truncated_annotation_file_costs_only_its_annotations(damaged, tmp_path, local_ray):

@@ -81,9 +81,11 @@ class FeatureConfig(P.Params):
     gpus_per_actor: float = P.setting(1.0, "fractions pack several actors per GPU", fingerprint=False)
     actors: int | None = P.setting(None, "model actors, at most (default: one per GPU share, or 1 without GPUs)",
                                    fingerprint=False)
-    cpus_per_actor: float = P.setting(0.0, "without GPUs: CPUs each model actor reserves, and its torch threads "
-                                           "(at least 1); 0 shares the decode tasks' cores, which a model that "
-                                           "waits for frames does not need to hold", fingerprint=False)
+    cpus_per_actor: float | None = P.setting(
+        None, "without GPUs: CPUs each model actor reserves, and its torch threads (whole ones, at least 1). "
+              "Default: 0 on a one-node cluster (the actor shares the decode tasks' cores, which a model "
+              "waiting for frames need not hold), 1 with more nodes (a head node kept free of work with "
+              "--num-cpus 0 then never gets one)", fingerprint=False)
     writers: int = P.setting(1, "writer processes (on the driver's node) that gather take views and write their "
                                 f"files, {WRITE_THREADS} at once each", fingerprint=False)
 
@@ -93,7 +95,7 @@ class FeatureConfig(P.Params):
             raise ValueError("window, stride, batch size and writers must be positive")
         if not 0 < self.gpus_per_actor <= 8:
             raise ValueError(f"gpus per actor must be in (0, 8], got {self.gpus_per_actor}")
-        if self.cpus_per_actor < 0:
+        if self.cpus_per_actor is not None and self.cpus_per_actor < 0:
             raise ValueError(f"cpus per actor must not be negative, got {self.cpus_per_actor}")
 
     @functools.cached_property
@@ -341,9 +343,13 @@ def _run(config: FeatureConfig, inputs: dict, out_url: str, ctx: stages.Context)
         else:
             # A reserved CPU is one no decode task gets, even while the actor waits for frames:
             # on 2 cores, one decode task instead of two (bench/features.py).
+            cpus = config.cpus_per_actor
+            if cpus is None:
+                nodes = [n for n in ray.nodes() if n["Alive"]]
+                cpus = 0.0 if len(nodes) == 1 and nodes[0]["Resources"].get("CPU", 0) > 0 else 1.0
             actors = config.actors or 1
-            resources = {"num_cpus": config.cpus_per_actor}
-            threads = max(1, int(config.cpus_per_actor))
+            resources = {"num_cpus": cpus}
+            threads = max(1, int(cpus))
         log(f"  model stage: {actors} {'GPU' if use_gpu else 'CPU'} actor(s), {resources}")
         # Writers hold take views in progress, so they live on the driver's node: losing a worker node
         # then costs only Ray Data's retries, as before. No CPU of their own: they mostly wait on storage.
@@ -411,9 +417,10 @@ def _summary(record: dict) -> str:
 
 
 def _resources(config: FeatureConfig) -> str:
+    cpus = ("0 CPUs reserved each on one node, 1 on more" if config.cpus_per_actor is None
+            else f"{config.cpus_per_actor:g} CPU reserved each")
     return (f"Ray Data: decode tasks, 1 CPU each; model actors: {config.actors or 'one per GPU share'}, "
-            f"{config.gpus_per_actor:g} GPU each (without GPUs: {config.actors or 1}, "
-            f"{config.cpus_per_actor:g} CPU reserved each)")
+            f"{config.gpus_per_actor:g} GPU each (without GPUs: {config.actors or 1}, {cpus})")
 
 
 KIND = stages.register(stages.StageKind(

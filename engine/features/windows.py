@@ -144,14 +144,14 @@ class ViewReader:
 
     def frames(self, sample: dict) -> list[tuple[int, np.ndarray]]:
         meta = sample[schema.JSON_MEMBER]
-        info = meta.views[self.member]
         try:
+            info = meta.views[self.member]
             if meta.mode != "remux":
                 return self._after(_sample_frames(sample, self.member, self.needed, self.last, self.size))
             if self.chain is None:
                 self.chain = video.ClipChain(set(self.needed).__contains__, input_size(info.width, info.height, self.size))
             return self._after(self.chain.feed(sample[info.member], info.source_frames[0]))
-        except (ContentError, KeyError, ValueError) as e:   # a member missing, undecodable or short
+        except (ContentError, KeyError, IndexError, ValueError) as e:   # a view or member missing, undecodable or short
             raise FeatureInputError(f"sample {meta.key}: {type(e).__name__}: {e}") from None
 
     def finish(self) -> list[tuple[int, np.ndarray]]:

@@ -570,7 +570,7 @@ class ClipChain:
     in an open GOP its leading frames lack their references); the last frames of a clip may
     come out only with the next clip's packets (decoder delay), and the rest at ``flush``."""
 
-    def __init__(self, wanted: Callable[[int], bool] | None = None, size: tuple[int, int] | None = None):
+    def __init__(self, wanted: Callable[[int], bool], size: tuple[int, int] | None = None):
         self.wanted = wanted            # frames nothing refers to and not wanted are not decoded
         self.size = size                # (W, H) to resize to
         self.codec = None
@@ -588,7 +588,7 @@ class ClipChain:
     def _images(self, frames) -> Iterator[tuple[int, np.ndarray]]:
         for frame in frames:
             index = self._index(frame.pts)
-            if index >= self.floor and index > self.emitted and (self.wanted is None or self.wanted(index)):
+            if index >= self.floor and index > self.emitted and self.wanted(index):
                 self.emitted = index
                 yield index, _rgb(frame, self.size)
 
@@ -608,7 +608,8 @@ class ClipChain:
             packets = [p for p in container.demux(stream) if p.size and p.dts is not None and p.pts is not None]
             if not packets:
                 raise VideoError("clip holds no video packet")
-            if not (on_grid and self.codec is not None and self.origin == 0 and key == self.stream_key
+            # An off-grid clip's decoder is drained at its end, so only an on-grid one continues.
+            if not (on_grid and self.codec is not None and key == self.stream_key
                     and packets[0].dts + int(shift) <= self.last_dts):
                 yield from self.flush()
                 self.codec = av.CodecContext.create(ctx.name, "r")
@@ -628,8 +629,7 @@ class ClipChain:
                 # window's end is the next window's first, and its packet is not fed again.
                 packet = av.Packet(bytes(p))
                 packet.pts, packet.dts, packet.time_base, packet.is_keyframe = pts, dts, key[2], p.is_keyframe
-                skip = self.wanted is not None and not self.wanted(self._index(pts))
-                self.codec.skip_frame = "NONREF" if skip else "DEFAULT"
+                self.codec.skip_frame = "DEFAULT" if self.wanted(self._index(pts)) else "NONREF"
                 yield from self._images(self.codec.decode(packet))
             if not on_grid:
                 yield from self.flush()

@@ -140,17 +140,19 @@ class ViewReader:
     def __init__(self, member: str, needed: list[int], size: int):
         self.member, self.needed, self.size = member, needed, size
         self.chain: video.ClipChain | None = None
-        self.last = -1          # the last frame given; an overlapping sample does not give it twice
+        self.last = -1          # the last frame given sample by sample; an overlapping sample does not give it twice
 
     def frames(self, sample: dict) -> list[tuple[int, np.ndarray]]:
         meta = sample[schema.JSON_MEMBER]
         try:
             info = meta.views[self.member]
             if meta.mode != "remux":
-                return self._after(_sample_frames(sample, self.member, self.needed, self.last, self.size))
-            if self.chain is None:
+                frames = _sample_frames(sample, self.member, self.needed, self.last, self.size)
+                self.last = frames[-1][0] if frames else self.last
+                return frames
+            if self.chain is None:     # it gives each frame once, in order
                 self.chain = video.ClipChain(set(self.needed).__contains__, input_size(info.width, info.height, self.size))
-            return self._after(self.chain.feed(sample[info.member], info.source_frames[0]))
+            return list(self.chain.feed(sample[info.member], info.source_frames[0]))
         except (ContentError, KeyError, IndexError, ValueError) as e:   # a view or member missing, undecodable or short
             raise FeatureInputError(f"sample {meta.key}: {type(e).__name__}: {e}") from None
 
@@ -159,15 +161,9 @@ class ViewReader:
         if self.chain is None:
             return []
         try:
-            return self._after(self.chain.flush())
+            return list(self.chain.flush())
         except ContentError as e:
             raise FeatureInputError(f"the end of the take: {type(e).__name__}: {e}") from None
-
-    def _after(self, frames: Iterable[tuple[int, np.ndarray]]) -> list[tuple[int, np.ndarray]]:
-        out = [(index, image) for index, image in frames if index > self.last]
-        if out:
-            self.last = out[-1][0]
-        return out
 
 
 def _sample_frames(sample: dict, name: str, needed: list[int], after: int, size: int) -> list[tuple[int, np.ndarray]]:

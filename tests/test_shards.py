@@ -371,8 +371,8 @@ def test_a_worker_node_lost_mid_job_leaves_the_shards_of_a_clean_run(default_rel
 
 # ----------------------------------------------------------------------------- crash and resume
 
-def _run_cli(release, out, **popen):
-    cmd = [sys.executable, "-m", "engine", "shard", str(release), str(out), "--window", "1", "--shard-mb", "0.4"]
+def _run_cli(release, out, shard_mb="0.4", **popen):
+    cmd = [sys.executable, "-m", "engine", "shard", str(release), str(out), "--window", "1", "--shard-mb", shard_mb]
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **popen)
 
 
@@ -391,11 +391,51 @@ def _kill_one_shard_worker(stop: threading.Event, killed: list) -> None:
         time.sleep(0.05)
 
 
+def _kill_the_worker_on_take(out: Path, take_uid: str, stop: threading.Event, kills: list) -> None:
+    """Kill -9 the shard worker each time its progress record says it works on ``take_uid``, until
+    the record shows the run gave up on it: a take that crashes its worker every time."""
+    while not stop.is_set():
+        for path in out.glob("*/*.progress.json"):
+            try:
+                record = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            if record["at"] == take_uid and record["deaths"].get(take_uid, 0) < job.WORKER_DEATHS \
+                    and record["pid"] not in kills:
+                try:
+                    os.kill(record["pid"], signal.SIGKILL)
+                    kills.append(record["pid"])
+                except ProcessLookupError:
+                    pass
+        time.sleep(0.02)
+
+
 def test_killed_worker_then_killed_driver_resume_to_identical_shards(default_release, tmp_path):
     clean = _run_cli(default_release, tmp_path / "clean")
     assert clean.wait(timeout=300) == 0
     expected = _manifest(tmp_path / "clean")
     assert len(expected) == 10 * 4
+
+    # A take that kills its worker every time is rejected after WORKER_DEATHS deaths, naming
+    # them; the takes before and after it in its shard (larger shards here: samples keep their
+    # keys and bytes), and every other shard, are written.
+    specs = job.plan(Release.open(str(default_release)), ShardConfig(window=1.0, shard_mb=4)).specs
+    victim = next(s.take_uids[1] for s in specs if len(s.take_uids) >= 3)
+    stop, kills = threading.Event(), []
+    out = tmp_path / "take_killed"
+    watcher = threading.Thread(target=_kill_the_worker_on_take, args=(out, victim, stop, kills))
+    watcher.start()
+    run = _run_cli(default_release, out, shard_mb="4")
+    assert run.wait(timeout=300) == 0
+    stop.set()
+    watcher.join()
+    assert len(kills) == job.WORKER_DEATHS
+    rejects = json.loads((out / "rejects.json").read_text())
+    assert [r["take_uid"] for r in rejects] == [victim]
+    assert f"died {job.WORKER_DEATHS} times" in rejects[0]["reason"]
+    rows = pq.read_table(str(tmp_path / "clean" / "manifest.parquet")).to_pylist()
+    assert _manifest(out) == {r["key"]: r["sha256"] for r in rows if r["take_uid"] != victim}
+    assert not list(out.glob("*/*.progress.json"))
 
     stop, killed = threading.Event(), []
     watcher = threading.Thread(target=_kill_one_shard_worker, args=(stop, killed))
@@ -423,7 +463,7 @@ def test_killed_worker_then_killed_driver_resume_to_identical_shards(default_rel
     rerun = _run_cli(default_release, out)
     assert rerun.wait(timeout=300) == 0
     assert _manifest(out) == expected
-    for run_dir in ("clean", "worker_killed", "driver_killed"):
+    for run_dir in ("clean", "take_killed", "worker_killed", "driver_killed"):
         leftovers = [p for p in (tmp_path / run_dir).rglob("*") if ".partial" in p.name or ".tmp-" in p.name]
         assert leftovers == []
 

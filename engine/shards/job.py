@@ -9,6 +9,8 @@ transcoded bytes were seen to vary between runs).
 Outputs under OUT:
   <split>/<split>-NNNNNN.tar          samples, a sample's members adjacent
   <split>/<split>-NNNNNN.stats.json   samples, bytes, seconds, takes, failures, per-sample rows
+  <split>/<split>-NNNNNN.progress.json  only while a shard is written: where its worker is (so a
+                                      retry after the worker died knows where; see _Progress)
   <split>/index.json                  wids-shard-index-v1 for random access
   manifest.parquet                    one row per sample (key, take_uid, split, t0, t1, shard, views, sha256,
                                       bytes, and offset/size: where its members lie in the tar, so a
@@ -21,6 +23,7 @@ Outputs under OUT:
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import hashlib
 import io
@@ -88,22 +91,43 @@ def _finished(fs, out: str, spec: ShardSpec) -> dict | None:
 def write_shard(spec: ShardSpec, release_url: str, out_url: str, config: ShardConfig,
                 storage_options: dict | None = None, job: str = "") -> dict:
     """Write one shard and its stats; return the stats. Plain Python: Ray only schedules it."""
-    release = _release(release_url, storage_options, job)
     fs, out = storage.filesystem(out_url, storage_options)
     tar_path, stats_path = _shard_paths(out, spec)
+    progress = _Progress(fs, tar_path.removesuffix(".tar") + ".progress.json", spec, job)
+    try:
+        stats = _write_shard(spec, release_url, config, storage_options, job, fs, tar_path, progress)
+        storage.write_json_atomic(fs, stats_path, stats)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            progress.clear()     # an error, not a death: a retry must not count it as one
+        raise
+    progress.clear()
+    return stats
+
+
+def _write_shard(spec, release_url, config, storage_options, job, fs, tar_path, progress) -> dict:
+    progress.at(OPENING)
+    release = _release(release_url, storage_options, job)
     started = time.time()
     rows, rejects, problems, seconds = [], [], [], 0.0
     # Staged on local disk: beside the target for a local output (then renamed), in the temp
     # dir for an object store (then uploaded in one PUT). The name is fixed per shard, so a
     # retry after a crash overwrites it instead of leaving a second one behind.
     if storage.is_local(fs):
-        fs.makedirs(storage.join(out, spec.split), exist_ok=True)
+        fs.makedirs(os.path.dirname(tar_path), exist_ok=True)
         staging = tar_path + ".partial"
     else:
         staging = os.path.join(tempfile.gettempdir(), f"ee4d-{hashlib.sha1(tar_path.encode()).hexdigest()[:16]}.partial")
     with open(staging, "wb") as shard:
         for uid in spec.take_uids:
             take = release.take(uid)
+            if progress.deaths.get(uid, 0) >= WORKER_DEATHS:
+                rejects.append({"take_uid": uid, "take_name": take.take_name, "split": spec.split,
+                                "reason": f"the worker writing shard {spec.name} died {WORKER_DEATHS} times on this "
+                                          "take (killed: out of memory, or a crash in a decoder); the shard's "
+                                          "other takes were written"})
+                continue
+            progress.at(uid)
             # A take's samples go to a scratch file first and join the shard only when the
             # whole take succeeded: a bad take never leaves half of itself behind.
             with tempfile.TemporaryFile() as scratch:
@@ -131,6 +155,7 @@ def write_shard(spec: ShardSpec, release_url: str, out_url: str, config: ShardCo
             rows += take_rows
             seconds += sum(r["t1"] - r["t0"] for r in take_rows) * len(src.views)
         shard.write(TAR_END)
+    progress.at(PUBLISHING)
     size = os.path.getsize(staging)
     if storage.is_local(fs):
         os.replace(staging, tar_path)
@@ -138,12 +163,48 @@ def write_shard(spec: ShardSpec, release_url: str, out_url: str, config: ShardCo
         with storage.faults_named(storage.url(fs, tar_path)):
             fs.put_file(staging, tar_path)
         os.unlink(staging)
-    stats = {"shard": spec.name, "split": spec.split, "samples": len(rows), "bytes": size,
-             "video_seconds": round(seconds, 3), "takes": sorted({r["take_uid"] for r in rows}),
-             "failures": rejects, "problems": problems, "rows": rows, "node_id": _node_id(), "host": socket.gethostname(),
-             "wall_seconds": round(time.time() - started, 3)}
-    storage.write_json_atomic(fs, stats_path, stats)
-    return stats
+    return {"shard": spec.name, "split": spec.split, "samples": len(rows), "bytes": size,
+            "video_seconds": round(seconds, 3), "takes": sorted({r["take_uid"] for r in rows}),
+            "failures": rejects, "problems": problems, "rows": rows, "node_id": _node_id(), "host": socket.gethostname(),
+            "wall_seconds": round(time.time() - started, 3)}
+
+
+WORKER_DEATHS = 3            # a take its shard's worker died on this many times is rejected
+OPENING, PUBLISHING = "<opening the release>", "<publishing the shard>"
+
+
+class _Progress:
+    """What a shard's writer is doing, kept in storage beside the shard while it works, so that
+    the attempt Ray Data starts after the worker died (killed by the OS or by Ray's memory
+    monitor, or crashed in native code) knows where the one before died. Ray Data retries a
+    dead worker's task without limit; this bounds it: a take the worker died on WORKER_DEATHS
+    times is rejected and the shard's other takes are written, and dying as often outside any
+    take fails the shard. Deaths count within one run of the stage (``job``)."""
+
+    def __init__(self, fs, path: str, spec: ShardSpec, job: str):
+        self.fs, self.path, self.spec, self.job = fs, path, spec, job
+        try:
+            left = storage.read_json(fs, path)       # only a dead attempt leaves its record
+        except FileNotFoundError:
+            left = None
+        self.deaths: dict[str, int] = {}
+        if left and left["job"] == job:
+            self.deaths = left["deaths"]
+            self.deaths[left["at"]] = self.deaths.get(left["at"], 0) + 1
+
+    def at(self, what: str) -> None:
+        if what in (OPENING, PUBLISHING) and self.deaths.get(what, 0) >= WORKER_DEATHS:
+            raise RuntimeError(f"shard {self.spec.split}/{self.spec.name}: its worker died {WORKER_DEATHS} times "
+                               f"{what[1:-1]} (killed: out of memory, or a crash in native code)")
+        storage.write_json_atomic(self.fs, self.path, {"job": self.job, "at": what, "deaths": self.deaths,
+                                                       "host": socket.gethostname(), "pid": os.getpid()})
+
+    def clear(self) -> None:
+        try:
+            with storage.faults_named(storage.url(self.fs, self.path)):
+                self.fs.rm(self.path)
+        except FileNotFoundError:
+            pass
 
 
 def _node_id() -> str | None:
@@ -221,10 +282,9 @@ def _run(config: ShardConfig, inputs: dict, out_url: str, ctx: stages.Context) -
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         # One CPU per shard (decode and mux are single-threaded per stream); Ray Data spreads
         # tasks across nodes. A worker killed mid-shard is retried and rewrites the shard from
-        # scratch, at most 3 times (Ray Data's default retries forever). max_retries is a plain
-        # remote arg, which Ray deprecates from 2.64 on (constraints.txt pins 2.60).
+        # scratch; _Progress bounds how often.
         writer = _RayShardWriter(release_url, out_url, config, ctx.storage_options, uuid.uuid4().hex)
-        ds = ds.map(writer, num_cpus=1, max_retries=3)
+        ds = ds.map(writer, num_cpus=1)
         for row in ds.iter_rows():
             ctx.log(f"  {row['shard']}: {row['samples']} samples, {row['failures']} rejected takes")
     return finalize(fs, out, shard_plan)

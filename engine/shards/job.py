@@ -72,15 +72,16 @@ def tar_member(name: str, data: bytes) -> bytes:
 TAR_END = b"\0" * (2 * tarfile.BLOCKSIZE)
 
 
-def _shard_paths(out: str, spec: ShardSpec) -> tuple[str, str]:
+def _shard_paths(out: str, spec: ShardSpec) -> tuple[str, str, str]:
+    """The shard's tar, its stats and, while it is written, its progress record."""
     base = storage.join(out, spec.split, spec.name)
-    return base + ".tar", base + ".stats.json"
+    return base + ".tar", base + ".stats.json", base + ".progress.json"
 
 
 def _finished(fs, out: str, spec: ShardSpec) -> dict | None:
     """A shard's stats when both its files are in storage and agree (the tar has the size the
     stats give), else None: it is to be written (again)."""
-    tar_path, stats_path = _shard_paths(out, spec)
+    tar_path, stats_path, _ = _shard_paths(out, spec)
     try:
         stats = storage.read_json(fs, stats_path)
         return stats if fs.info(tar_path)["size"] == stats["bytes"] else None
@@ -92,16 +93,19 @@ def write_shard(spec: ShardSpec, release_url: str, out_url: str, config: ShardCo
                 storage_options: dict | None = None, job: str = "") -> dict:
     """Write one shard and its stats; return the stats. Plain Python: Ray only schedules it."""
     fs, out = storage.filesystem(out_url, storage_options)
-    tar_path, stats_path = _shard_paths(out, spec)
-    progress = _Progress(fs, tar_path.removesuffix(".tar") + ".progress.json", spec, job)
+    tar_path, stats_path, progress_path = _shard_paths(out, spec)
+    progress = _Progress(fs, progress_path, spec, job)
     try:
         stats = _write_shard(spec, release_url, config, storage_options, job, fs, tar_path, progress)
         storage.write_json_atomic(fs, stats_path, stats)
-    except BaseException:
+    except Exception:
+        # An error, not a death: a retry must not count it as one. (A worker stopped by
+        # SIGTERM leaves through SystemExit: that is a death and keeps its record.)
         with contextlib.suppress(Exception):
-            progress.clear()     # an error, not a death: a retry must not count it as one
+            progress.clear()
         raise
-    progress.clear()
+    with contextlib.suppress(Exception):
+        progress.clear()         # the shard is complete; finalize removes a record left locally
     return stats
 
 
@@ -183,12 +187,15 @@ class _Progress:
 
     def __init__(self, fs, path: str, spec: ShardSpec, job: str):
         self.fs, self.path, self.spec, self.job = fs, path, spec, job
+        self.me = {"host": socket.gethostname(), "pid": os.getpid()}
+        fs.invalidate_cache(path)        # a listing cached in this worker must not hide the record
         try:
             left = storage.read_json(fs, path)       # only a dead attempt leaves its record
         except FileNotFoundError:
             left = None
         self.deaths: dict[str, int] = {}
-        if left and left["job"] == job:
+        # A record of this very process is an attempt whose clean-up failed, not a death.
+        if left and left["job"] == job and {"host": left["host"], "pid": left["pid"]} != self.me:
             self.deaths = left["deaths"]
             self.deaths[left["at"]] = self.deaths.get(left["at"], 0) + 1
 
@@ -196,8 +203,7 @@ class _Progress:
         if what in (OPENING, PUBLISHING) and self.deaths.get(what, 0) >= WORKER_DEATHS:
             raise RuntimeError(f"shard {self.spec.split}/{self.spec.name}: its worker died {WORKER_DEATHS} times "
                                f"{what[1:-1]} (killed: out of memory, or a crash in native code)")
-        storage.write_json_atomic(self.fs, self.path, {"job": self.job, "at": what, "deaths": self.deaths,
-                                                       "host": socket.gethostname(), "pid": os.getpid()})
+        storage.write_json_atomic(self.fs, self.path, {"job": self.job, "at": what, "deaths": self.deaths, **self.me})
 
     def clear(self) -> None:
         try:
@@ -309,7 +315,7 @@ def finalize(fs, out: str, shard_plan: ShardPlan) -> dict:
     rows, rejects, problems, per_split = [], list(shard_plan.rejects), [], {}
     fs.invalidate_cache()            # what storage holds now, not a listing from earlier
     for spec in shard_plan.specs:
-        tar_path, _ = _shard_paths(out, spec)
+        tar_path, _, progress_path = _shard_paths(out, spec)
         # Storage that lost an object after the run wrote it (a store restarted without its data)
         # must not get a manifest naming it: the stage fails, and a rerun writes it again.
         stats = _finished(fs, out, spec)
@@ -320,10 +326,12 @@ def finalize(fs, out: str, shard_plan: ShardPlan) -> dict:
         rejects += stats["failures"]
         problems += [p for p in stats["problems"] if p not in problems]
         per_split.setdefault(spec.split, []).append(stats)
-        # A run killed between a staging write and its rename leaves a .partial; a later
-        # successful run of that shard published it, so anything left is stale.
-        if storage.is_local(fs) and fs.exists(tar_path + ".partial"):
-            fs.rm(tar_path + ".partial")
+        # A run killed between a staging write and its rename leaves a .partial, and one
+        # killed before clearing it a progress record; a later successful run of that shard
+        # published it, so anything left is stale.
+        for left in (tar_path + ".partial", progress_path):
+            if storage.is_local(fs) and fs.exists(left):
+                fs.rm(left)
     for split, shards in per_split.items():
         index = {"__kind__": "wids-shard-index-v1", "wids_version": 1, "name": f"ee4d-{split}",
                  "shardlist": [{"url": f"{s['shard']}.tar", "nsamples": s["samples"], "filesize": s["bytes"]}

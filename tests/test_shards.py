@@ -24,6 +24,7 @@ import webdataset as wds
 import wids
 
 from engine import video
+from engine.errors import ContentError
 from engine.miniature.stamp import read_stamp
 from engine.release import Release
 from engine.shards import clip_dataset, decode_sample, dense, job, ray_dataset
@@ -416,6 +417,33 @@ def test_a_shard_counts_its_dead_workers_by_take_and_not_its_errors(tiny_release
     assert failures == [uids[0]] and written == sorted(uids[1:])
     assert attempt("run-2", dead) == ([], sorted(uids))
     assert attempt("run-1", {"host": host, "pid": os.getpid()}) == ([], sorted(uids))
+
+
+def test_a_take_that_fails_after_its_first_sample_leaves_no_byte_in_the_shard(tiny_release, tmp_path, monkeypatch):
+    """A take whose second sample cannot be made is cut out of the shard it had begun to fill:
+    the tar is byte for byte the one written without that take. Without Ray."""
+    uids = Release.open(str(tiny_release)).splits().split_to_take_uids["train"]
+    assert len(uids) >= 2
+    bad = uids[0]                 # the first take: the others are written after it is cut out
+    real = job.build_samples
+
+    def failing_on_the_second_sample(release, src, config):
+        for n, sample in enumerate(real(release, src, config)):
+            if src.take.take_uid == bad and n == 1:
+                raise ContentError(f"take {src.take.take_name}: a packet does not demux")
+            yield sample
+
+    monkeypatch.setattr(job, "build_samples", failing_on_the_second_sample)
+    stats = job.write_shard(ShardSpec("train", 0, tuple(uids)), str(tiny_release), str(tmp_path / "cut"), ShardConfig(window=1.0))
+    assert [f["take_uid"] for f in stats["failures"]] == [bad]
+    assert "does not demux" in stats["failures"][0]["reason"]
+    monkeypatch.undo()
+    clean = job.write_shard(ShardSpec("train", 0, tuple(uids[1:])), str(tiny_release), str(tmp_path / "clean"),
+                            ShardConfig(window=1.0))
+    tar = (tmp_path / "cut" / "train" / "train-000000.tar").read_bytes()
+    assert tar == (tmp_path / "clean" / "train" / "train-000000.tar").read_bytes()
+    assert [(r["key"], r["offset"], r["size"]) for r in stats["rows"]] == \
+        [(r["key"], r["offset"], r["size"]) for r in clean["rows"]]
 
 
 def _kill_the_worker_on_take(out: Path, take_uid: str, stop: threading.Event, kills: list) -> None:

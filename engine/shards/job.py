@@ -130,30 +130,27 @@ def _write_shard(spec, release_url, config, storage_options, job, fs, tar_path, 
                                           "other takes were written"})
                 continue
             progress.at(uid)
-            # A take's samples go to a scratch file first and join the shard only when the
-            # whole take succeeded: a bad take never leaves half of itself behind.
-            with tempfile.TemporaryFile() as scratch:
-                take_rows, base = [], shard.tell()
-                try:
-                    src = TakeSource.load(release, take, spec.split, config)
-                    problems += [p for p in src.problems if p not in problems]
-                    for key, members, row in build_samples(release, src, config):
-                        digest, start = hashlib.sha256(), scratch.tell()
-                        for ext, data in members:
-                            name = f"{key}.{ext}"
-                            digest.update(name.encode() + b"\0" + data)
-                            scratch.write(tar_member(name, data))
-                        row.update(shard=spec.name, sha256=digest.hexdigest(),
-                                   bytes=sum(len(d) for _, d in members),
-                                   offset=base + start, size=scratch.tell() - start)
-                        take_rows.append(row)
-                except ContentError as e:    # anything else fails the shard: Ray retries it
-                    rejects.append({"take_uid": uid, "take_name": take.take_name, "split": spec.split,
-                                    "reason": str(e)})
-                    continue
-                scratch.seek(0)
-                while chunk := scratch.read(1 << 24):
-                    shard.write(chunk)
+            # A take joins the shard whole or not at all: on a bad take the file is cut back
+            # to where the take began, so no half of it is left behind.
+            take_rows, base = [], shard.tell()
+            try:
+                src = TakeSource.load(release, take, spec.split, config)
+                problems += [p for p in src.problems if p not in problems]
+                for key, members, row in build_samples(release, src, config):
+                    digest, start = hashlib.sha256(), shard.tell()
+                    for ext, data in members:
+                        name = f"{key}.{ext}"
+                        digest.update(name.encode() + b"\0" + data)
+                        shard.write(tar_member(name, data))
+                    row.update(shard=spec.name, sha256=digest.hexdigest(), bytes=sum(len(d) for _, d in members),
+                               offset=start, size=shard.tell() - start)
+                    take_rows.append(row)
+            except ContentError as e:    # anything else fails the shard: Ray retries it
+                shard.seek(base)
+                shard.truncate()
+                rejects.append({"take_uid": uid, "take_name": take.take_name, "split": spec.split,
+                                "reason": str(e)})
+                continue
             rows += take_rows
             seconds += sum(r["t1"] - r["t0"] for r in take_rows) * len(src.views)
         shard.write(TAR_END)

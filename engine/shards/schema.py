@@ -90,7 +90,9 @@ class _Part:
     where = ""                     # its place in the meta, for error messages
 
     def to_json(self) -> dict:
-        return dataclasses.asdict(self)
+        # Shallow: the fields are plain values and lists or dicts of them. dataclasses.asdict
+        # copies every list item (a view's source_frames), about 8% of a shard job's time.
+        return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
 
     @classmethod
     def from_json(cls, data: Any, key: str = "?", where: str = ""):

@@ -143,7 +143,7 @@ class ViewMeta(_Part):
     members: list[str] | None = None   # frames: ``<view>.NNNN.jpg``, one per entry of source_frames
 
     def to_json(self) -> dict:
-        out = dataclasses.asdict(self)
+        out = super().to_json()
         for name in ("member", "members"):
             if out[name] is None:
                 del out[name]

@@ -328,3 +328,12 @@ def ensure_ray(address: str | None) -> None:
     if not ray.is_initialized():
         ray.init(address=address, log_to_driver=False, configure_logging=False)
 
+
+def without_cpu_reservation(dataset):
+    """Switch off Ray Data's per-operator resource reservation for ``dataset`` (its own context,
+    not the process's). With it, a stream of 1-CPU map tasks kept only part of the CPUs busy here
+    (Ray 2.60: on average 5.3 of 8, 1.2 of 2; without it 7.5 and 1.9), so the shard job wrote one
+    shard at a time on 2 CPUs. Only for pipelines whose operators cannot take each other's CPUs:
+    one operator, or tasks feeding actors that reserve no CPU."""
+    dataset.context.op_resource_reservation_enabled = False
+    return dataset

@@ -25,6 +25,7 @@ import tarfile
 
 import numpy as np
 
+from engine import stage as stages
 from engine import storage, video
 from engine.errors import ContentError, StorageFault
 from engine.shards import schema
@@ -290,19 +291,13 @@ def train_stream(index: list[SampleRef], spec: ClipSpec, *, workers: int, rank: 
     import ray
     import ray.data
 
+    # Whole blocks per decode call: with a batch size Ray Data does not fuse the map with the
+    # read. Without the CPU reservation bench/pretrain.py measured 2x the pairs/s on 2 CPUs.
     stream = ray.data.range(rows, override_num_blocks=max(1, math.ceil(rows / rows_per_task))).map_batches(
         _decode_train_rows, batch_size=None, num_cpus=1,
         fn_kwargs={"index_ref": ray.put(index), "spec": spec, "workers": workers, "rank": rank, "seed": seed,
                    "start": start, "storage_options": storage_options})
-    return _decode_freely(stream)
-
-
-def _decode_freely(stream):
-    """Whole blocks per decode call (``batch_size=None``: with a batch size Ray Data does not
-    fuse the map with the read), and no per-operator CPU reservation (on few CPUs it let one
-    decode task run at a time): bench/pretrain.py measured 2x the pairs/s on 2 CPUs."""
-    stream.context.op_resource_reservation_enabled = False
-    return stream
+    return stages.without_cpu_reservation(stream)
 
 
 def eval_stream(index: list[SampleRef], spec: ClipSpec, storage_options: dict | None = None,
@@ -313,7 +308,7 @@ def eval_stream(index: list[SampleRef], spec: ClipSpec, storage_options: dict | 
     import ray.data
 
     items = [{"sample": i} for i in range(len(index))]
-    return _decode_freely(ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / rows_per_task)))
-                          .map_batches(_decode_eval_rows, batch_size=None, num_cpus=1,
-                                       fn_kwargs={"index_ref": ray.put(index), "spec": spec,
-                                                  "storage_options": storage_options}))
+    stream = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / rows_per_task))).map_batches(
+        _decode_eval_rows, batch_size=None, num_cpus=1,
+        fn_kwargs={"index_ref": ray.put(index), "spec": spec, "storage_options": storage_options})
+    return stages.without_cpu_reservation(stream)

@@ -284,7 +284,7 @@ def _run(config: ShardConfig, inputs: dict, out_url: str, ctx: stages.Context) -
         # tasks across nodes. A worker killed mid-shard is retried and rewrites the shard from
         # scratch; _Progress bounds how often.
         writer = _RayShardWriter(release_url, out_url, config, ctx.storage_options, uuid.uuid4().hex)
-        ds = ds.map(writer, num_cpus=1)
+        ds = stages.without_cpu_reservation(ds.map(writer, num_cpus=1))
         for row in ds.iter_rows():
             ctx.log(f"  {row['shard']}: {row['samples']} samples, {row['failures']} rejected takes")
     return finalize(fs, out, shard_plan)

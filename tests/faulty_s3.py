@@ -6,7 +6,9 @@ answer) and answers a fraction of requests with 503 SlowDown, as throttled objec
 does. A request is identified by its method, path, query and Range; its n-th attempt is
 faulted or not by a hash of (seed, request, n), so a retried request gets a fresh draw, and
 at most ``max_in_a_row`` attempts in a row are faulted. ``fail`` (a regex on the path) makes
-every request it matches (as "METHOD /bucket/key") fail, for faults that do not pass.
+every request it matches (as "METHOD /bucket/key") fail, for faults that do not pass. ``hold``
+(a regex alike) makes every request it matches wait until ``released`` is set, so a test can
+act while a job is at a known point.
 """
 from __future__ import annotations
 
@@ -27,10 +29,11 @@ HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "proxy-connection
 
 class FaultyS3:
     def __init__(self, upstream: str, seed: int = 0, reset: float = 0.0, slow_down: float = 0.0,
-                 max_in_a_row: int = 3, fail: str | None = None):
+                 max_in_a_row: int = 3, fail: str | None = None, hold: str | None = None):
         self.upstream = urllib.parse.urlsplit(upstream).netloc
         self.seed, self.reset, self.slow_down, self.max_in_a_row = seed, reset, slow_down, max_in_a_row
-        self.fail = fail
+        self.fail, self.hold = fail, hold
+        self.released = threading.Event()
         self.injected = collections.Counter()        # "reset" / "slow_down" / "fail" -> count
         self.failed_paths: set[str] = set()
         self._attempts = collections.Counter()
@@ -46,6 +49,8 @@ class FaultyS3:
 
             def _serve(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if proxy.hold and re.search(proxy.hold, f"{self.command} {_path(self.path)}"):
+                    proxy.released.wait(timeout=300)
                 fault = proxy._draw(self.command, self.path, self.headers.get("Range"))
                 if fault == "slow_down" or fault == "fail":
                     self.send_response(503)
@@ -103,7 +108,7 @@ class FaultyS3:
         self.server.server_close()
 
     def _draw(self, method: str, target: str, byte_range: str | None) -> str | None:
-        path = urllib.parse.unquote(urllib.parse.urlsplit(target).path)
+        path = _path(target)
         if self.fail and re.search(self.fail, f"{method} {path}"):
             with self._lock:
                 self.injected["fail"] += 1
@@ -121,3 +126,8 @@ class FaultyS3:
             if fault:
                 self.injected[fault] += 1
         return fault
+
+
+def _path(target: str) -> str:
+    """/bucket/key of a request target."""
+    return urllib.parse.unquote(urllib.parse.urlsplit(target).path)

@@ -171,7 +171,9 @@ def test_a_store_restarted_without_its_data_mid_job_shows_no_partial_shard_and_a
     """moto keeps objects in memory: stopped and started again in the middle of a shard job, it
     comes back empty, like a store that lost what it held. Every shard listed at any moment
     reads whole; the job notices at commit that shards it wrote are gone and commits nothing;
-    the same command then completes it, equal to a clean run."""
+    the same command then completes it, equal to a clean run. The job reaches the store through
+    a proxy that holds the upload of every train shard but the first until the store is back,
+    so the restart falls in the middle of the job however fast the job runs."""
     port = _free_port()
     endpoint = f"http://127.0.0.1:{port}"
     server = moto_server(port)
@@ -179,38 +181,41 @@ def test_a_store_restarted_without_its_data_mid_job_shows_no_partial_shard_and_a
     fs.mkdir("restart")
     cmd = [sys.executable, "-m", "engine", "shard", str(local_release), "s3://restart/shards", "--window", "2",
            "--shard-mb", "0.3"]
-    env = {**os.environ, "AWS_ENDPOINT_URL": endpoint}
-    job = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    read_whole, restarted = set(), False
-    try:
-        while job.poll() is None:
-            try:
-                fs.invalidate_cache()
-                for path in fs.find("restart/shards"):
-                    if path.endswith(".tar") and path not in read_whole:
-                        assert _whole_tar(fs.cat_file(path)), f"{path} is listed but not whole"
-                        read_whole.add(path)
-            except (OSError, FileNotFoundError):
-                pass                         # the store is down, or an object went with it
-            if read_whole and not restarted:
-                server.kill()
-                server.wait()
-                server = moto_server(port)
-                fs.mkdir("restart")
-                restarted = True
-            time.sleep(0.05)
-        _, err = job.communicate()
-        # Usually it fails at commit, naming a shard that is gone; a write caught in the moment
-        # the bucket was missing fails it sooner. Either way nothing is committed.
-        assert restarted and job.returncode != 0, err[-3000:]
-        print("first run:", next(line for line in reversed(err.splitlines()) if line.startswith("ee4d shard:")
-                                 or "Error" in line))
-        fs.invalidate_cache()
-        assert not fs.exists("restart/shards/manifest.parquet")
-        rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-        assert rerun.returncode == 0, rerun.stderr[-3000:]
-        shards = {k: v for k, v in comparable(contents(fs, "restart")).items() if k.startswith("/shards/")}
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
+    with FaultyS3(endpoint, hold=r"^PUT /restart/shards/train/train-0*[1-9][0-9]*\.tar$") as proxy:
+        env = {**os.environ, "AWS_ENDPOINT_URL": proxy.url}
+        job = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        read_whole, restarted = set(), False
+        try:
+            while job.poll() is None:
+                try:
+                    fs.invalidate_cache()
+                    for path in fs.find("restart/shards"):
+                        if path.endswith(".tar") and path not in read_whole:
+                            assert _whole_tar(fs.cat_file(path)), f"{path} is listed but not whole"
+                            read_whole.add(path)
+                except (OSError, FileNotFoundError):
+                    pass                         # the store is down, or an object went with it
+                if read_whole and not restarted:
+                    server.kill()
+                    server.wait()
+                    server = moto_server(port)
+                    fs.mkdir("restart")
+                    restarted = True
+                    proxy.released.set()
+                time.sleep(0.05)
+            _, err = job.communicate()
+            # Usually it fails at commit, naming a shard that is gone; a write caught in the moment
+            # the bucket was missing fails it sooner. Either way nothing is committed.
+            assert restarted and job.returncode != 0, err[-3000:]
+            print("first run:", next(line for line in reversed(err.splitlines()) if line.startswith("ee4d shard:")
+                                     or "Error" in line))
+            fs.invalidate_cache()
+            assert not fs.exists("restart/shards/manifest.parquet")
+            rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+            assert rerun.returncode == 0, rerun.stderr[-3000:]
+            shards = {k: v for k, v in comparable(contents(fs, "restart")).items() if k.startswith("/shards/")}
+        finally:
+            proxy.released.set()
+            server.terminate()
+            server.wait(timeout=10)
     assert shards == {k: v for k, v in comparable(clean_run).items() if k.startswith("/shards/")}

@@ -2,8 +2,10 @@
 
 - remux throughput, view-hours per wall-hour: steady state (Ray already up, as on a cluster;
   median of --repeats runs; also for the same takes without the per-frame annotation files,
-  near the real release's proportions) and end to end (``ee4d shard`` in a fresh process, Ray start-up
-  included), against ``tar -cf`` of the same source bytes (the I/O limit);
+  near the real release's proportions), end to end against that running Ray (``ee4d shard
+  --address`` in a fresh process, as a job submitted to a cluster: process start, connection,
+  planning, Ray Data's start-up and the commit included) and end to end with a local Ray
+  started and stopped by the command, against ``tar -cf`` of the same source bytes (the I/O limit);
 - bytes of the output by kind against what they come from: clips against the sources' video
   packets (the remux pre-roll), audio against the ego sources' AAC packets, everything else
   (JSON, sensor and annotation arrays) against the release's annotation and sensor files;
@@ -60,10 +62,12 @@ def tree_rss(pid: int) -> int:
     return total
 
 
-def run_job(release: Path, out: Path, mode: str) -> tuple[float, int]:
-    """Run ``ee4d shard`` in a subprocess; return (wall seconds, peak RSS of its process tree)."""
+def run_job(release: Path, out: Path, mode: str, address: str | None = None) -> tuple[float, int]:
+    """Run ``ee4d shard`` in a subprocess, on a Ray of its own unless ``address`` names one; return (wall
+    seconds, peak RSS of its process tree: with an address, the driver's alone)."""
     # Small shards so both workers stay busy on a small input (real runs have hundreds of shards).
     cmd = [sys.executable, "-m", "engine", "shard", str(release), str(out), "--mode", mode, "--shard-mb", "10"]
+    cmd += ["--address", address] if address else []
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     peak = 0
@@ -173,7 +177,7 @@ def main() -> None:
 
         from engine.shards import job
         from engine.shards.plan import ShardConfig
-        ray.init(num_cpus=os.cpu_count(), log_to_driver=False, configure_logging=False)
+        address = ray.init(num_cpus=os.cpu_count(), log_to_driver=False, configure_logging=False).address_info["address"]
         # The miniature's annotations are 2.3x its 448 video, the real release's 2.4%: the same
         # takes without the per-frame annotation files (ego_pose, relations) come close to the
         # real proportions. Run alternately, each into fresh folders.
@@ -184,12 +188,20 @@ def main() -> None:
                 start = time.perf_counter()
                 job.run(str(source), str(work / f"{name}{k}"), ShardConfig(shard_mb=10), progress=False)
                 times.append(time.perf_counter() - start)
+        # The whole command against this running Ray, as a job on a cluster runs.
+        submitted, submitted_light = [], []
+        for k in range(args.repeats):
+            for source, times, name in ((release, submitted, "job"), (light, submitted_light, "job-light")):
+                times.append(run_job(source, work / f"{name}{k}", "remux", address)[0])
         ray.shutdown()
         steady_s, light_s = median(steady), median(steady_light)
         print(f"remux, Ray up:  {steady_s:6.1f} s (median of {args.repeats}), {view_hours / (steady_s / 3600):7.0f} "
               f"view-hours per wall-hour; {tar_s / steady_s:.3f}x the speed of tar -cf of the same bytes ({tar_s:.2f} s)")
         print(f"remux, Ray up, without the ego_pose and relations files (near the real release's proportions): "
               f"{light_s:6.1f} s, {view_hours / (light_s / 3600):7.0f} view-hours per wall-hour")
+        for label, times in (("", submitted), (", without the ego_pose and relations files", submitted_light)):
+            print(f"remux, ee4d shard --address (Ray up, everything else included){label}: {median(times):6.1f} s, "
+                  f"{view_hours / (median(times) / 3600):7.0f} view-hours per wall-hour")
 
         ends, rss_4x = [], 0
         for k in range(args.repeats):
@@ -198,7 +210,7 @@ def main() -> None:
             rss_4x = max(rss_4x, rss)
         end_s = median(ends)
         print(f"remux, ee4d shard end to end: {end_s:6.1f} s (median), {view_hours / (end_s / 3600):7.0f} view-hours per "
-              f"wall-hour, Ray start-up included")
+              f"wall-hour, a local Ray started and stopped by the command")
 
         sizes = output_bytes(work / "steady0")
         video_src = sum(packet_bytes(p, "video") for p in sources)

@@ -17,15 +17,17 @@ against a reference run in the same command.
    Wall times include each one's start-up (Ray's workers already started and warm).
    Goals: per core >= 0.9x the decode stage alone, >= 1.0x the DataLoader.
 2. trainer: the pretrain stage (``engine.pretrain.stage.run``: 1 Ray Train worker of 1 CPU, Ray
-   Data decoding on the other CPUs) for --steps steps, with a model step slower than decoding
-   (--size 128, 16 frames); from its metrics.jsonl the median data-wait fraction (goal < 10%)
+   Data decoding on the other CPUs) for --steps steps. The data-wait goal assumes a model step
+   slower than decoding: on 2 cores the defaults (--size 128, 16 frames at stride 4) decode more
+   slowly on the one CPU left than the step runs; --clip-frames 32 --frame-stride 1 make the step
+   the slower part. From its metrics.jsonl the median data-wait fraction (goal < 10%)
    and clips/s, against a plain torch loop in this process with the same network (build_net),
    optimizer and thread count on batches of the same rows decoded beforehand (step time only).
    Ratio Ray Train / plain (goal >= 0.9x). Where the difference goes: the compute part of a Ray
    Train step (its time less its wait for data) against the plain step; the plain loop again
    with a process decoding beside it (the cores shared with decoding, as under any loader); the
-   plain loop fed by ``train_stream`` in this process (Ray Data limited to the CPUs Train leaves
-   it, no Ray Train); ``iter_torch_batches`` alone over the same batches already in the object
+   plain loop fed by ``train_stream`` in this process (no Ray Train; Ray Data on the CPUs Train
+   leaves it, an idle actor holding the worker's); ``iter_torch_batches`` alone over the same batches already in the object
    store. The plain loop runs before and after the stage (the machine's load drifts).
 3. scaling: the stage with 1 and 2 workers on a two-node local cluster (``ray.cluster_utils.
    Cluster``, --node-cpus logical CPUs a node, --worker-cpus a worker: sized so that the two
@@ -296,6 +298,14 @@ def iter_overhead(batches: list[dict], batch_size: int, passes: int) -> float:
     return (time.perf_counter() - start) / count
 
 
+@ray.remote
+class CpuHolder:
+    """Holds the CPUs it is given and does nothing: stands in for Ray Train's worker."""
+
+    def ready(self) -> bool:
+        return True
+
+
 def read_metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
@@ -311,13 +321,18 @@ def trainer_section(args, work: Path) -> dict:
     plain, _, plain_share = plain_loop(config, batches, args.plain_steps)
     print(f"  trainer: plain loop {args.plain_steps} steps, median {statistics.median(plain):.3f} s", flush=True)
 
-    # The plain loop fed by train_stream in this process: Ray Data without Ray Train, its CPUs
-    # limited to those Train leaves it (the worker holds cpus_per_worker).
-    stream = data.train_stream(index, config.clip_spec(), workers=1, rank=0, seed=config.seed, start=0,
-                               rows=args.plain_steps * step)
-    stream.context.execution_options.resource_limits = ray.data.ExecutionResources(cpu=args.cpus - 1)
-    fed, fed_wait, _ = plain_loop(config, stream.iter_torch_batches(batch_size=step, prefetch_batches=2,
-                                                                 drop_last=True), args.plain_steps)
+    # The plain loop fed by train_stream in this process: Ray Data without Ray Train, on the CPUs
+    # Train leaves it. An idle actor holds the worker's CPUs as Train's worker does (a resource
+    # limit on the stream's context did not hold: Ray Data decoded on both CPUs, 1.9 tasks at a time).
+    holder = CpuHolder.options(num_cpus=config.cpus_per_worker).remote()
+    ray.get(holder.ready.remote())
+    try:
+        stream = data.train_stream(index, config.clip_spec(), workers=1, rank=0, seed=config.seed, start=0,
+                                   rows=args.plain_steps * step)
+        fed, fed_wait, _ = plain_loop(config, stream.iter_torch_batches(batch_size=step, prefetch_batches=2,
+                                                                     drop_last=True), args.plain_steps)
+    finally:
+        ray.kill(holder)
     print(f"  trainer: fed by train_stream, median {statistics.median(fed):.3f} s", flush=True)
 
     started = time.perf_counter()

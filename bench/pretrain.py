@@ -27,8 +27,9 @@ against a reference run in the same command.
    Train step (its time less its wait for data) against the plain step; the plain loop again
    with a process decoding beside it (the cores shared with decoding, as under any loader); the
    plain loop fed by ``train_stream`` in this process (no Ray Train; Ray Data on the CPUs Train
-   leaves it, an idle actor holding the worker's); ``iter_torch_batches`` alone over the same batches already in the object
-   store. The plain loop runs before and after the stage (the machine's load drifts).
+   leaves it, an idle actor holding the worker's); ``iter_torch_batches`` alone over the same
+   batches already in the object store. The plain loop runs before and after the stage (the
+   machine's load drifts).
 3. scaling: the stage with 1 and 2 workers on a two-node local cluster (``ray.cluster_utils.
    Cluster``, --node-cpus logical CPUs a node, --worker-cpus a worker: sized so that the two
    workers land on different nodes, each with one torch thread), same global batch: clips/s
